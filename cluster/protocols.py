@@ -1,0 +1,57 @@
+"""The narrow seams: Engine, RouterModel and TrafficStore.
+
+Adapters live outside the kernel (engines in ``deployments/engines``, router models in
+``router_models``); the kernel only names what they must do.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Callable, Protocol, Sequence, runtime_checkable
+
+from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest, RouteScores
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One model version's inference engine.
+
+    Contract (checked by ``tests/contract/test_engine_contract.py`` for every adapter):
+    - ``start()`` loads the model; it raises a typed error (``ArtifactError``,
+      ``EngineError``) rather than leaving a half-started engine.
+    - ``generate()`` yields text chunks in order, then exactly one final chunk with
+      ``finish_reason`` and ``usage``. Failures are raised as ``SLMError`` subclasses.
+    - Closing the iterator early (``aclose()``, or cancelling the consumer) aborts the
+      generation: the engine stops spending compute on it.
+    - ``check_health()`` raises ``EngineUnavailableError`` when the engine cannot serve.
+    """
+
+    capabilities: EngineCapabilities
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+    async def check_health(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@runtime_checkable
+class RouterModel(Protocol):
+    """Decides the domain of a request and how much it needs the frontier model."""
+
+    name: str
+
+    def load(self) -> None: ...
+
+    def score(self, batch: Sequence[str]) -> list[RouteScores]: ...
+
+
+class TrafficStore(Protocol):
+    """Reads, writes and watches the per-specialist traffic split (model -> version -> weight)."""
+
+    async def read(self, model: str) -> dict[str, float] | None: ...
+
+    async def write(self, model: str, weights: dict[str, float]) -> None: ...
+
+    async def subscribe(self, callback: Callable[[str, dict[str, float]], None]) -> None: ...

@@ -1,0 +1,63 @@
+"""Pure routing decisions: which model version serves a request, and why.
+
+No I/O and no clock: the gateway calls these with the router's output and the config, so
+every branch is a row in a table test.
+"""
+
+from __future__ import annotations
+
+from cluster.config import ClusterConfig
+from cluster.errors import ModelNotFoundError
+from cluster.types import RouteDecision, RouteScores
+
+AUTO = "auto"
+
+
+def resolve_explicit(cfg: ClusterConfig, requested: str) -> RouteDecision:
+    """``code`` -> code's current version; ``code@v2`` -> that version; else ModelNotFoundError."""
+    name, sep, version = requested.partition("@")
+    model = cfg.model(name)
+    if model is None:
+        raise ModelNotFoundError(f"The model {requested!r} does not exist. Try GET /v1/models.", param="model")
+    if not sep:
+        return RouteDecision(model=model.name, version=model.current.name, reason="named")
+    if model.version(version) is None:
+        known = ", ".join(f"{model.name}@{v.name}" for v in model.versions)
+        raise ModelNotFoundError(f"The model version {requested!r} does not exist; known versions: {known}.", param="model")
+    return RouteDecision(model=model.name, version=version, reason="pinned")
+
+
+def decide_auto(cfg: ClusterConfig, scores: RouteScores) -> RouteDecision:
+    """The specialist of the predicted domain when its probability clears the bar, else general.
+
+    The escalation score and threshold ride along for the cascade and race strategies.
+    """
+    threshold = cfg.router.escalation_threshold
+    specialist = cfg.specialist_for(scores.domain)
+    confident = scores.confidence >= cfg.router.min_domain_confidence
+    if specialist is not None and confident:
+        target, reason = specialist, f"domain:{scores.domain}"
+    else:
+        target = cfg.general
+        if specialist is None:
+            reason = f"general:no-specialist-for-{scores.domain}"
+        else:
+            reason = f"general:low-confidence-{scores.domain}"
+    return RouteDecision(
+        model=target.name,
+        version=target.current.name,
+        reason=reason,
+        domain=scores.domain,
+        confidence=round(scores.confidence, 4),
+        escalation_score=scores.escalation_score,
+        escalation_threshold=threshold,
+    )
+
+
+def listed_models(cfg: ClusterConfig) -> list[str]:
+    """Every id /v1/models lists: auto, each model, each model@version."""
+    ids = [AUTO]
+    for model in cfg.models:
+        ids.append(model.name)
+        ids.extend(f"{model.name}@{v.name}" for v in model.versions)
+    return ids

@@ -1,0 +1,46 @@
+"""Small helpers every adapter shares: system prompts, stop strings, usage accounting."""
+
+from __future__ import annotations
+
+from cluster.types import ChatMessage, GenerationRequest
+
+
+def with_system_prompt(request: GenerationRequest, system_prompt: str | None) -> tuple[ChatMessage, ...]:
+    """The request's messages, with the version's system prompt first unless it brings one."""
+    if system_prompt is None or any(m.role == "system" for m in request.messages):
+        return request.messages
+    return (ChatMessage(role="system", content=system_prompt), *request.messages)
+
+
+def messages_as_dicts(messages: tuple[ChatMessage, ...]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+class StopMatcher:
+    """Finds the first stop string in streamed text while holding back text that might be
+    the start of one, so no client ever sees part of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._hold = max((len(s) for s in self._stops), default=1) - 1
+        self._buffer = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was hit)."""
+        if not self._stops:
+            return text, False
+        self._buffer += text
+        hits = [i for i in (self._buffer.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            out, self._buffer = self._buffer[: min(hits)], ""
+            return out, True
+        if self._hold == 0:
+            out, self._buffer = self._buffer, ""
+            return out, False
+        cut = max(0, len(self._buffer) - self._hold)
+        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self._buffer = self._buffer, ""
+        return out
