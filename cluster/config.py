@@ -175,6 +175,7 @@ class RouterConfig(Strict):
     artifact_path: str | None = Field(None, description="The trained router artifact folder (kind: trained).")
     min_domain_confidence: float = Field(0.5, ge=0, le=1, description="Below this, auto requests go to the general model.")
     escalation_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the artifact's calibrated threshold.")
+    request_timeout_s: float = Field(2.0, gt=0, description="Longest wait for a route; past it auto goes to the general model.")
     max_batch_size: int = Field(32, ge=1, description="@serve.batch max_batch_size.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch batch_wait_timeout_s.")
     resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5), description="Per-replica resources.")

@@ -160,11 +160,13 @@ def find_slm_error(exc: BaseException) -> SLMError | None:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, SLMError):
-            return current
+        # Ray re-raises a replica's error as a RayTaskError subclass of the original class;
+        # its ``cause`` is the original instance, with our attributes intact.
         cause = getattr(current, "cause", None)
         if isinstance(cause, BaseException):
             current = cause
             continue
+        if isinstance(current, SLMError):
+            return current
         current = current.__cause__ or current.__context__
     return None

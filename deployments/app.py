@@ -1,0 +1,75 @@
+"""The composition root: ``build_app(args)`` builds the whole deployment graph from a config.
+
+This is the ``import_path`` (``deployments.app:build_app``) that a serveConfigV2 names;
+``args`` holds exactly one of ``profile`` (local, gpu, sim), ``config_path`` (a YAML/JSON
+file on the nodes) or ``config`` (the config inline, as KubeRay carries it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from cluster.config import ClusterConfig
+from cluster.errors import ConfigError
+from cluster.loader import resolve_config
+from cluster.types import deployment_name
+from deployments.gateway.ingress import Gateway
+from deployments.model_server import ModelServer
+from deployments.router import Router
+
+ARG_KEYS = ("profile", "config_path", "config")
+ROUTER_NAME = "router"
+GATEWAY_NAME = "gateway"
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(ARG_KEYS))
+    if unknown:
+        raise ConfigError("unknown build_app args", issues=tuple(("args", f"unknown key {k!r}; use one of {ARG_KEYS}") for k in unknown))
+    cfg = resolve_config(profile=args.get("profile"), path=args.get("config_path"), inline=args.get("config"))
+    return build_from_config(cfg)
+
+
+def build_from_config(cfg: ClusterConfig) -> Application:
+    """One ModelServer deployment per model version, one Router, one Gateway ingress."""
+    models = {}
+    for model, version in cfg.deployments():
+        name = deployment_name(model.name, version.name)
+        models[name] = (
+            serve.deployment(ModelServer)
+            .options(
+                name=name,
+                ray_actor_options=version.resources.ray_actor_options(),
+                autoscaling_config=version.autoscaling.serve_options(),
+                max_ongoing_requests=version.max_ongoing_requests,
+                # Model loading can take minutes on a cold node; health checks start after.
+                health_check_period_s=10,
+                health_check_timeout_s=30,
+                graceful_shutdown_timeout_s=30,
+            )
+            .bind(model.name, version)
+        )
+    router = (
+        serve.deployment(Router)
+        .options(
+            name=ROUTER_NAME,
+            ray_actor_options=cfg.router.resources.ray_actor_options(),
+            autoscaling_config=cfg.router.autoscaling.serve_options(),
+            max_ongoing_requests=cfg.router.max_ongoing_requests,
+        )
+        .bind(cfg.router)
+    )
+    return (
+        serve.deployment(Gateway)
+        .options(
+            name=GATEWAY_NAME,
+            ray_actor_options=cfg.gateway.resources.ray_actor_options(),
+            autoscaling_config=cfg.gateway.autoscaling.serve_options(),
+            max_ongoing_requests=cfg.gateway.max_ongoing_requests,
+        )
+        .bind(cfg, router, models)
+    )

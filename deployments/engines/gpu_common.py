@@ -1,0 +1,186 @@
+"""What the in-process GPU engine adapters (vLLM, SGLang) share.
+
+- ``render_prompt_ids``: the chat template through the engine's own tokenizer.
+- ``drive_stream``: runs one engine stream; translates the library's failures into typed
+  errors and aborts the request in the engine when the consumer leaves early.
+- ``ChunkAssembler``: turns per-step deltas into ``GenerationChunk``s (text in order, logprobs
+  riding with their text, then exactly one final chunk).
+
+Nothing here imports an engine library: the adapters hand in the library's objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
+
+from cluster.errors import ContextLengthExceededError, EngineError, InvalidRequestError, SLMError
+from cluster.types import ChatMessage, FinishReason, GenerationChunk, TokenLogprob, Usage
+from deployments.engines.common import StopMatcher, messages_as_dicts
+
+log = logging.getLogger("ray.serve")
+
+T = TypeVar("T")
+
+# How engines word "the prompt does not fit": vLLM ("The decoder prompt (length N) is longer
+# than the maximum model length of M"), SGLang ("The input (N tokens) is longer than the
+# model's context length (M tokens)", "Requested token count exceeds the model's maximum
+# context length").
+_CONTEXT_LENGTH_PHRASES = (
+    "maximum model length",
+    "model's context length",
+    "maximum context length",
+    "context length",
+)
+
+
+class ChatTokenizer(Protocol):
+    """The slice of a Hugging Face tokenizer the adapters use."""
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: Any) -> Any: ...
+
+    def encode(self, text: str, **kwargs: Any) -> list[int]: ...
+
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str: ...
+
+
+def render_prompt_ids(tokenizer: ChatTokenizer, messages: tuple[ChatMessage, ...]) -> list[int]:
+    """The prompt token ids for ``messages`` under the model's chat template.
+
+    Renders to text, then encodes without special tokens (as vLLM's own chat path does): the
+    template already wrote BOS, and encoding the text plainly would add a second one.
+    Raises ``InvalidRequestError`` when the template itself rejects the conversation (a
+    ``raise_exception`` in the Jinja template, e.g. roles that do not alternate) and
+    ``EngineError`` for any other failure, which is a deployment problem, not the client's.
+    """
+    try:
+        text = tokenizer.apply_chat_template(messages_as_dicts(messages), tokenize=False, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except Exception as exc:
+        if has_class_named(exc, "TemplateError"):
+            raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
+        raise EngineError(f"could not apply the model's chat template: {exc}") from exc
+
+
+def invalid_request(message: str) -> InvalidRequestError:
+    """The 400 for an engine's validation message; ``ContextLengthExceededError`` when the
+    message says the prompt (plus max_tokens) does not fit the context."""
+    lowered = message.lower()
+    if any(phrase in lowered for phrase in _CONTEXT_LENGTH_PHRASES):
+        return ContextLengthExceededError(message, param="messages")
+    return InvalidRequestError(message)
+
+
+def has_class_named(exc: BaseException, *names: str) -> bool:
+    """Whether ``exc``'s class or a base is called one of ``names``. Matching by name keeps
+    the error tables importable (and testable) without the engine library."""
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
+async def drive_stream(
+    open_stream: Callable[[], Awaitable[AsyncIterator[T]]],
+    *,
+    is_final: Callable[[T], bool],
+    abort: Callable[[], Awaitable[None]],
+    translate: Callable[[Exception], SLMError],
+) -> AsyncIterator[T]:
+    """Yield the outputs of one engine stream, until the engine ends it.
+
+    - Exceptions from opening or advancing the engine's stream are raised as
+      ``translate(exc)`` (chained); exceptions from the consumer's own code never pass here.
+    - If this generator is closed (``aclose()``, ``GeneratorExit``) or cancelled before the
+      final output was seen, ``abort()`` runs first, then the engine's stream is closed, and
+      the original exception propagates. Abort before close: SGLang forgets a request's
+      state when its stream closes, after which its abort is a silent no-op.
+    - ``abort`` failures are logged, never raised over the exception in flight.
+    """
+    stream: AsyncIterator[T] | None = None
+    done = False  # the engine finished (or failed): nothing to abort
+    try:
+        try:
+            stream = await open_stream()
+        except Exception as exc:
+            done = True
+            raise translate(exc) from exc
+        while True:
+            try:
+                item = await anext(stream)
+            except StopAsyncIteration:
+                done = True
+                return
+            except Exception as exc:
+                done = True
+                raise translate(exc) from exc
+            # Read on after the final output so the engine's generator ends on its own
+            # (closing it early makes vLLM log and send an abort for a finished request).
+            done = done or is_final(item)
+            yield item
+    finally:
+        if not done:
+            try:
+                await abort()
+            except Exception:  # the consumer's exception matters more than a failed abort
+                log.warning("engine abort failed", exc_info=True)
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with suppress(Exception):
+                await aclose()
+
+
+class ChunkAssembler:
+    """Builds the chunks of one generation from the engine's deltas.
+
+    ``delta()`` returns the text chunk to send now (or ``None`` while text is held back);
+    ``final()`` returns the remaining chunks, the last one with ``finish_reason`` and
+    ``usage``. Logprobs ride with the first chunk that carries text after them, so a step that
+    produced tokens but no printable text yet does not lose them.
+
+    ``stops``: stop strings to enforce here too, for engines that may stream the start of a
+    stop string before matching it (SGLang). Text from the first stop string on is dropped
+    and the finish reason becomes ``"stop"``.
+    """
+
+    def __init__(self, stops: Sequence[str] = ()) -> None:
+        self._stops = StopMatcher(tuple(stops))
+        self._pending: list[TokenLogprob] = []
+        self._stopped = False
+
+    def delta(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> GenerationChunk | None:
+        if self._stopped:
+            return None
+        self._pending.extend(logprobs)
+        safe, hit = self._stops.feed(text)
+        self._stopped = hit
+        return self._text_chunk(safe)
+
+    def final(self, finish_reason: FinishReason, usage: Usage, *, matched_stop: str | None = None) -> list[GenerationChunk]:
+        """The held-back text, then the final chunk. ``matched_stop``: the stop string the
+        engine says it matched; a start of it at the end of the held-back text is dropped
+        (the engine trimmed the stop string from its output, but may have streamed its first
+        characters one step earlier)."""
+        chunks: list[GenerationChunk] = []
+        if not self._stopped:
+            held = self._stops.flush()
+            tail = self._text_chunk(_strip_stop_prefix(held, matched_stop) if matched_stop else held)
+            if tail is not None:
+                chunks.append(tail)
+        reason: FinishReason = "stop" if self._stopped else finish_reason
+        chunks.append(GenerationChunk(logprobs=tuple(self._pending), finish_reason=reason, usage=usage))
+        self._pending.clear()
+        return chunks
+
+    def _text_chunk(self, text: str) -> GenerationChunk | None:
+        if not text:
+            return None
+        chunk = GenerationChunk(text=text, logprobs=tuple(self._pending))
+        self._pending.clear()
+        return chunk
+
+
+def _strip_stop_prefix(text: str, stop: str) -> str:
+    """``text`` without its longest suffix that is a (proper or full) prefix of ``stop``."""
+    for size in range(min(len(text), len(stop)), 0, -1):
+        if text.endswith(stop[:size]):
+            return text[:-size]
+    return text

@@ -1,0 +1,292 @@
+"""vLLM adapter: the V1 ``AsyncLLM`` engine, in-process, behind the ``Engine`` seam.
+
+vLLM is imported only in ``load_vllm_backend`` (called by ``start()``), so this module imports
+on machines without vLLM or a GPU. The mapping is pure functions over duck-typed vLLM objects,
+and the engine object is injectable (``loader=``), so the unit tests run on small fakes.
+
+API facts relied on (vLLM >= 0.10, checked against current main):
+- ``vllm.v1.engine.async_llm.AsyncLLM.from_engine_args(vllm.engine.arg_utils.AsyncEngineArgs(...))``.
+- ``AsyncLLM.generate(prompt, sampling_params, request_id)``: an async generator of
+  ``vllm.outputs.RequestOutput`` (``.prompt_token_ids``, ``.finished``, ``.outputs[0]``: a
+  ``CompletionOutput`` with ``.text``, ``.token_ids``, ``.logprobs`` and ``.finish_reason`` in
+  "stop" | "length" | "abort" | "error" | "repetition"). ``prompt`` may be a ``TokensPrompt``
+  dict ``{"prompt_token_ids": [...]}``.
+- ``SamplingParams(output_kind=RequestOutputKind.DELTA)`` (``vllm.sampling_params``): each output
+  carries only the new text, token ids and logprobs. Chosen over CUMULATIVE: no quadratic
+  copying, and vLLM still holds back text that may begin a stop string, so no delta ever
+  carries part of one. ``logprobs=0`` returns the sampled token's logprob only; each position
+  is ``{token_id: Logprob(logprob, rank, decoded_token)}``.
+- ``AsyncLLM.abort(request_id)`` takes the caller's id (since 0.16 vLLM suffixes ids internally
+  and ``abort(..., internal=False)`` maps them back). ``generate`` also aborts by itself on
+  ``GeneratorExit``/``CancelledError``; we still abort explicitly, which is idempotent.
+- ``check_health()`` raises ``EngineDeadError`` (``vllm.v1.engine.exceptions``) once the engine
+  core died; ``shutdown()`` is synchronous; ``get_tokenizer()`` is synchronous on current vLLM
+  and a coroutine on older releases (both handled).
+- Request validation raises ``vllm.exceptions.VLLMValidationError`` (a ``ValueError`` on older
+  releases, a ``VLLMClientError`` on newer), e.g. "The decoder prompt (length N) is longer than
+  the maximum model length of M"; other failures inside ``generate`` arrive wrapped in
+  ``EngineGenerateError``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
+
+from cluster.config import VLLMEngineConfig
+from cluster.errors import EngineError, EngineUnavailableError, SLMError
+from cluster.types import (
+    EngineCapabilities,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
+from deployments.engines.common import with_system_prompt
+from deployments.engines.gpu_common import (
+    ChatTokenizer,
+    ChunkAssembler,
+    drive_stream,
+    has_class_named,
+    invalid_request,
+    render_prompt_ids,
+)
+
+_INSTALL_HINT = "pip install 'slm-cluster[vllm]'"
+
+# vLLM's finish reasons -> ours. "repetition" (a repetition detector ended the answer) is a
+# natural stop, not a cut; "abort" means the engine dropped the request (we never see our own
+# aborts: the stream is closed by then). "error" is handled by ``finish_reason``.
+_FINISH = {"stop": "stop", "length": "length", "repetition": "stop", "abort": "abort"}
+
+
+class AsyncLLMLike(Protocol):
+    """The part of ``vllm.v1.engine.async_llm.AsyncLLM`` this adapter uses."""
+
+    def generate(self, prompt: Any, sampling_params: Any, request_id: str) -> AsyncIterator[Any]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def get_tokenizer(self) -> Any: ...
+
+
+@dataclass
+class VLLMBackend:
+    """A started engine plus the way to build its ``SamplingParams`` from our kwargs."""
+
+    llm: AsyncLLMLike
+    make_sampling_params: Callable[[dict[str, Any]], Any]
+
+
+# --- pure mapping ----------------------------------------------------------------------
+
+
+def engine_args_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:
+    """``AsyncEngineArgs`` keyword arguments for ``config``; ``extra_engine_args`` win."""
+    kwargs: dict[str, Any] = {
+        "model": config.model,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "gpu_memory_utilization": config.gpu_memory_utilization,
+        "dtype": config.dtype,
+        "enforce_eager": config.enforce_eager,
+    }
+    if config.max_model_len is not None:
+        kwargs["max_model_len"] = config.max_model_len
+    if config.quantization is not None:
+        kwargs["quantization"] = config.quantization
+    return {**kwargs, **config.extra_engine_args}
+
+
+def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
+    """vLLM ``SamplingParams`` keyword arguments (without ``output_kind``, which the loader
+    pins to DELTA). Unset options are left out so vLLM's defaults apply."""
+    kwargs: dict[str, Any] = {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
+    if sampling.stop:
+        kwargs["stop"] = list(sampling.stop)
+    if sampling.seed is not None:
+        kwargs["seed"] = sampling.seed
+    if sampling.logprobs:
+        kwargs["logprobs"] = 0  # the sampled token's logprob, no alternatives
+    return kwargs
+
+
+def token_logprobs(token_ids: Sequence[int], logprobs: Sequence[Any] | None) -> tuple[TokenLogprob, ...]:
+    """One ``TokenLogprob`` per sampled token, from vLLM's per-position ``{id: Logprob}``."""
+    if not logprobs:
+        return ()
+    out = []
+    for token_id, position in zip(token_ids, logprobs):
+        entry = position.get(token_id) or next(iter(position.values()))
+        out.append(TokenLogprob(token=entry.decoded_token or "", logprob=float(entry.logprob)))
+    return tuple(out)
+
+
+def finish_reason(reason: str | None) -> FinishReason:
+    """Our finish reason for vLLM's; ``EngineError`` (retryable) for "error" or anything new."""
+    mapped = _FINISH.get(str(reason))
+    if mapped is None:
+        raise EngineError(f"vLLM ended the request with finish_reason={reason!r}")
+    return mapped  # type: ignore[return-value]
+
+
+def translate_error(exc: Exception) -> SLMError:
+    """The typed error for an exception raised by ``AsyncLLM.generate``."""
+    if isinstance(exc, SLMError):
+        return exc
+    if has_class_named(exc, "EngineDeadError", "AsyncEngineDeadError"):
+        return EngineUnavailableError(f"vLLM engine is dead: {exc}")
+    # vLLM's own convention: validation failures are ValueErrors (VLLMValidationError); they
+    # come straight from generate(), while its internal failures arrive as EngineGenerateError.
+    if has_class_named(exc, "VLLMClientError", "VLLMValidationError") or type(exc) is ValueError:
+        return invalid_request(str(exc))
+    return EngineError(f"vLLM generation failed: {type(exc).__name__}: {exc}")
+
+
+class _OutputMapper:
+    """Maps one request's DELTA ``RequestOutput``s to chunks and keeps its usage."""
+
+    def __init__(self, *, want_logprobs: bool, prompt_tokens: int) -> None:
+        self._want_logprobs = want_logprobs
+        self._prompt_tokens = prompt_tokens
+        self._completion_tokens = 0
+        self._assembler = ChunkAssembler()  # vLLM enforces stop strings itself
+
+    def feed(self, output: Any) -> list[GenerationChunk]:
+        completion = output.outputs[0]
+        token_ids = list(completion.token_ids)
+        self._completion_tokens += len(token_ids)
+        if output.prompt_token_ids is not None:
+            self._prompt_tokens = len(output.prompt_token_ids)
+        logprobs = token_logprobs(token_ids, completion.logprobs) if self._want_logprobs else ()
+        chunk = self._assembler.delta(completion.text, logprobs)
+        chunks = [chunk] if chunk is not None else []
+        if is_final(output):
+            usage = Usage(prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens)
+            chunks += self._assembler.final(finish_reason(completion.finish_reason), usage)
+        return chunks
+
+
+def is_final(output: Any) -> bool:
+    return bool(output.finished) or output.outputs[0].finish_reason is not None
+
+
+# --- the adapter -----------------------------------------------------------------------
+
+
+def load_vllm_backend(config: VLLMEngineConfig) -> VLLMBackend:
+    """Start a real ``AsyncLLM`` (loads the model on the GPU; slow, blocking)."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import SamplingParams as VLLMSamplingParams
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except ImportError as exc:
+        raise EngineUnavailableError(f"vLLM is not installed ({exc}); {_INSTALL_HINT}") from exc
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args_kwargs(config)))
+    return VLLMBackend(llm=llm, make_sampling_params=lambda kw: VLLMSamplingParams(**kw, output_kind=RequestOutputKind.DELTA))
+
+
+class VLLMEngine:
+    """One model version on vLLM's ``AsyncLLM``. See the module docstring for the API used.
+
+    ``loader`` builds the backend in ``start()``; the default starts real vLLM, tests pass fakes.
+    """
+
+    capabilities = EngineCapabilities(streaming=True, logprobs=True)
+
+    def __init__(
+        self,
+        config: VLLMEngineConfig,
+        *,
+        system_prompt: str | None = None,
+        loader: Callable[[VLLMEngineConfig], VLLMBackend] = load_vllm_backend,
+    ) -> None:
+        self.config = config
+        self.system_prompt = system_prompt
+        self._loader = loader
+        self._backend: VLLMBackend | None = None
+        self._tokenizer: ChatTokenizer | None = None
+        # The id given to vLLM is the request id plus a per-engine sequence number: a retry that
+        # reuses a request id while the first attempt still runs must not collide in vLLM
+        # (older releases reject a duplicate id with a ValueError, which would read as a 400).
+        self._seq = itertools.count()
+
+    async def start(self) -> None:
+        """Load the model. Raises ``EngineUnavailableError`` when vLLM is missing and
+        ``EngineError`` when it fails to start; never leaves a half-started engine."""
+        if self._backend is not None:
+            return
+        try:
+            backend = self._loader(self.config)
+        except SLMError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"vLLM failed to start {self.config.model!r}: {exc}") from exc
+        try:
+            tokenizer = backend.llm.get_tokenizer()
+            if inspect.isawaitable(tokenizer):
+                tokenizer = await tokenizer
+        except Exception as exc:
+            with suppress(Exception):
+                backend.llm.shutdown()
+            raise EngineError(f"vLLM started without a usable tokenizer: {exc}") from exc
+        self._backend, self._tokenizer = backend, tokenizer
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Text chunks in order, then one final chunk with finish reason and usage. Closing
+        or cancelling the iterator aborts the request in vLLM."""
+        backend, tokenizer = self._require_started()
+        prompt_ids = render_prompt_ids(tokenizer, with_system_prompt(request, self.system_prompt))
+        try:  # vLLM validates sampling options when the object is built
+            params = backend.make_sampling_params(sampling_kwargs(request.sampling))
+        except Exception as exc:
+            raise translate_error(exc) from exc
+        engine_id = f"{request.request_id}-{next(self._seq)}"
+        mapper = _OutputMapper(want_logprobs=request.sampling.logprobs, prompt_tokens=len(prompt_ids))
+
+        async def open_stream() -> AsyncIterator[Any]:
+            return backend.llm.generate({"prompt_token_ids": prompt_ids}, params, engine_id)
+
+        async def abort() -> None:
+            await backend.llm.abort(engine_id)
+
+        outputs = drive_stream(open_stream, is_final=is_final, abort=abort, translate=translate_error)
+        try:
+            async for output in outputs:
+                for chunk in mapper.feed(output):
+                    yield chunk
+        finally:
+            await outputs.aclose()  # runs drive_stream's abort when we stop early
+
+    async def check_health(self) -> None:
+        """Raises ``EngineUnavailableError`` when not started or when vLLM reports itself dead."""
+        backend, _ = self._require_started()
+        try:
+            await backend.llm.check_health()
+        except Exception as exc:
+            raise EngineUnavailableError(f"vLLM engine is unhealthy: {type(exc).__name__}: {exc}") from exc
+
+    async def shutdown(self) -> None:
+        """Stop the engine and free the GPU. Idempotent; safe before ``start()``. A failure
+        to stop is raised once as ``EngineError``; the engine counts as stopped either way."""
+        backend, self._backend, self._tokenizer = self._backend, None, None
+        if backend is None:
+            return
+        try:
+            backend.llm.shutdown()
+        except Exception as exc:
+            raise EngineError(f"vLLM shutdown failed: {exc}") from exc
+
+    def _require_started(self) -> tuple[VLLMBackend, ChatTokenizer]:
+        if self._backend is None or self._tokenizer is None:
+            raise EngineUnavailableError("vLLM engine is not started")
+        return self._backend, self._tokenizer

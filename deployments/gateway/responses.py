@@ -1,0 +1,76 @@
+"""Turn internal chunks into OpenAI response bodies: one JSON body, or SSE events."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+from cluster.openai_schema import chunk_body, completion_body, usage_body
+from cluster.types import GenerationChunk
+from deployments.gateway.errors import to_slm_error
+
+
+async def collect_completion(chunks: AsyncIterator[GenerationChunk], meta: dict[str, Any], *, logprobs: bool) -> dict[str, Any]:
+    parts: list[str] = []
+    lps: list[tuple[str, float]] = []
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        lps.extend((lp.token, lp.logprob) for lp in chunk.logprobs)
+        if chunk.is_final:
+            assert chunk.usage is not None and chunk.finish_reason is not None  # the Engine contract
+            return completion_body(
+                completion_id=meta["id"],
+                created=meta["created"],
+                model=meta["model"],
+                text="".join(parts),
+                finish_reason=chunk.finish_reason,
+                usage=usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens),
+                logprobs=lps if logprobs else None,
+            )
+    raise AssertionError("timed_chunks always ends with a final chunk or raises")
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
+async def sse_events(
+    first: GenerationChunk,
+    chunks: AsyncIterator[GenerationChunk],
+    meta: dict[str, Any],
+    *,
+    include_usage: bool,
+    logprobs: bool,
+) -> AsyncIterator[str]:
+    """OpenAI's stream: a role delta, content deltas, a finish chunk, an optional usage
+    chunk, then ``[DONE]``. A failure after the first byte ends the stream with an
+    ``{"error": ...}`` event (the OpenAI SDK raises it as an APIError)."""
+    common = {"completion_id": meta["id"], "created": meta["created"], "model": meta["model"]}
+    try:
+        yield _event(chunk_body(**common, delta={"role": "assistant", "content": ""}))
+        chunk = first
+        while True:
+            if chunk.text:
+                lps = [(lp.token, lp.logprob) for lp in chunk.logprobs] if logprobs else None
+                yield _event(chunk_body(**common, delta={"content": chunk.text}, logprobs=lps))
+            if chunk.is_final:
+                yield _event(chunk_body(**common, delta={}, finish_reason=chunk.finish_reason))
+                if include_usage and chunk.usage is not None:
+                    usage = usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    yield _event(chunk_body(**common, delta={}, usage=usage, with_choice=False))
+                yield "data: [DONE]\n\n"
+                return
+            chunk = await chunks.__anext__()
+    except Exception as exc:  # noqa: BLE001 - headers are sent; the error goes in the stream
+        yield _event(to_slm_error(exc).to_openai())
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def anext_or_close(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
+    """The first chunk; on any failure the stream is closed (cancelling the replica's work)."""
+    try:
+        return await chunks.__anext__()
+    except BaseException:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        raise

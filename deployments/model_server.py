@@ -1,0 +1,62 @@
+"""ModelServer: one Ray Serve deployment per model version (e.g. ``code-v1``).
+
+Its GPU fraction, autoscaling and ``max_ongoing_requests`` come from the version's config
+(see ``deployments.app``); ``check_health`` is wired to the engine so Serve replaces a
+replica whose engine died.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, AsyncIterator
+
+from cluster.config import ModelVersionConfig
+from cluster.types import GenerationChunk, GenerationRequest
+from deployments.engines import create_engine
+
+log = logging.getLogger("ray.serve")
+
+
+class ModelServer:
+    async def __init__(self, model: str, version: ModelVersionConfig) -> None:
+        self.model = model
+        self.version = version
+        self.engine = create_engine(version.engine, system_prompt=version.system_prompt)
+        log.info("model server %s@%s: starting %s engine", model, version.name, version.engine.kind)
+        # A failed start raises here, so Serve reports the deployment unhealthy with the
+        # typed error's message instead of serving from a half-loaded engine.
+        await self.engine.start()
+        log.info("model server %s@%s: ready", model, version.name)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream the engine's chunks. Serve cancels this generator when the caller goes
+        away; closing the engine's iterator then aborts the generation."""
+        stream = self.engine.generate(request)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def ready(self) -> dict[str, Any]:
+        """Health plus placement facts, for /readyz and the GPU-placement test."""
+        await self.engine.check_health()
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "model": self.model,
+            "version": self.version.name,
+            "engine": self.version.engine.kind,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "num_gpus": self.version.resources.num_gpus,
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+        }
+
+    async def __del__(self) -> None:
+        await self.engine.shutdown()
