@@ -39,9 +39,16 @@ def format_loc(loc: tuple[Any, ...]) -> str:
 
 def issues_from_validation(err: ValidationError) -> list[tuple[str, str]]:
     issues: list[tuple[str, str]] = []
-    for e in err.errors(include_url=False):
+    errors = err.errors(include_url=False)
+    locs = [tuple(e["loc"]) for e in errors]
+    for e in errors:
+        loc = tuple(e["loc"])
+        # A sequence whose only item failed is also reported "too short"; the item's own
+        # error says more, so the echo is dropped.
+        if e["type"] == "too_short" and any(other[: len(loc)] == loc and len(other) > len(loc) for other in locs):
+            continue
         inner = (e.get("ctx") or {}).get("error")
-        prefix = format_loc(tuple(e["loc"]))
+        prefix = format_loc(loc)
         if isinstance(inner, CrossFieldIssues):
             for path, reason in inner.issues:
                 issues.append((f"{prefix}.{path}" if prefix else path, reason))

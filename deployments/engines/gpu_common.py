@@ -97,6 +97,7 @@ async def drive_stream(
     """
     stream: AsyncIterator[T] | None = None
     done = False  # the engine finished (or failed): nothing to abort
+    exhausted = False
     try:
         try:
             stream = await open_stream()
@@ -107,13 +108,11 @@ async def drive_stream(
             try:
                 item = await anext(stream)
             except StopAsyncIteration:
-                done = True
+                done = exhausted = True
                 return
             except Exception as exc:
-                done = True
+                done = exhausted = True
                 raise translate(exc) from exc
-            # Read on after the final output so the engine's generator ends on its own
-            # (closing it early makes vLLM log and send an abort for a finished request).
             done = done or is_final(item)
             yield item
     finally:
@@ -122,6 +121,12 @@ async def drive_stream(
                 await abort()
             except Exception:  # the consumer's exception matters more than a failed abort
                 log.warning("engine abort failed", exc_info=True)
+        elif stream is not None and not exhausted:
+            # The consumer left right after the final output: let the engine's generator end
+            # on its own (both engines return right after it) instead of closing it, which
+            # makes vLLM send an abort for a request that already finished.
+            with suppress(Exception):  # StopAsyncIteration included
+                await anext(stream)
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             with suppress(Exception):
@@ -162,7 +167,7 @@ class ChunkAssembler:
         chunks: list[GenerationChunk] = []
         if not self._stopped:
             held = self._stops.flush()
-            tail = self._text_chunk(_strip_stop_prefix(held, matched_stop) if matched_stop else held)
+            tail = self._text_chunk(held)
             if tail is not None:
                 chunks.append(tail)
         reason: FinishReason = "stop" if self._stopped else finish_reason

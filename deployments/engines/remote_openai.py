@@ -5,25 +5,19 @@ Every answer is a streamed ``POST {base_url}/chat/completions`` with
 ``stream_options.include_usage``, so usage comes from the upstream and an early close of
 our iterator closes the HTTP response, which is how the upstream learns to stop (abort).
 
-Error mapping (upstream -> ours; all raised, all ``SLMError``):
+Error mapping (upstream -> ours, all raised):
 
-=====================================  ==========================================
-connect refused / DNS / TLS failure    EngineUnavailableError 503
-any httpx timeout, total deadline      EngineTimeoutError 504
-401 / 403                              EngineError 502 "upstream rejected our credentials"
-429                                    EngineUnavailableError 503 (retryable)
-400, 404, other 4xx                    EngineError 502 with the upstream's message
-408, 504                               EngineTimeoutError 504
-503                                    EngineUnavailableError 503
-other 5xx                              EngineError 502
-``{"error": ...}`` event in the stream EngineError 502
-connection lost / stream ends early    EngineError 502
-=====================================  ==========================================
+- connect refused, DNS or TLS failure -> EngineUnavailableError 503
+- any httpx timeout, or the total deadline; HTTP 408, 504 -> EngineTimeoutError 504
+- HTTP 401, 403 -> EngineError 502 "upstream rejected our credentials"
+- HTTP 429, 503 -> EngineUnavailableError 503 (retryable)
+- HTTP 400, 404, other 4xx -> EngineError 502 with the upstream's message; other 5xx -> EngineError 502
+- an ``{"error": ...}`` event, a lost connection, a stream that ends early -> EngineError 502
 
-Why not pass 401 and 429 through: they would describe *our* account to *our* client. A
-401 would tell a client with a valid key that its key is wrong; a 429 would tell it to slow
-down when it is the cluster's quota that ran out. Both are our upstream failing us, so
-they are 5xx; a 429 is "unavailable now" (503) because a retry or another model may work.
+Why 401 and 429 are not passed through: they describe *our* account, not our client's
+request. A 401 would tell a client with a valid key that its key is wrong; a 429 would tell
+it to slow down when the cluster's quota ran out. A 429 is "unavailable now" (503) because
+a retry, or another model, may well work.
 """
 
 from __future__ import annotations
@@ -40,21 +34,14 @@ import httpx
 
 from cluster.config import RemoteOpenAIEngineConfig
 from cluster.errors import ConfigError, EngineError, EngineTimeoutError, EngineUnavailableError, SLMError
-from cluster.types import (
-    ChatMessage,
-    EngineCapabilities,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    TokenLogprob,
-    Usage,
-)
+from cluster.types import ChatMessage, EngineCapabilities, FinishReason, GenerationChunk, GenerationRequest, TokenLogprob, Usage
 from deployments.engines.common import messages_as_dicts, with_system_prompt
 
 T = TypeVar("T")
 Clock = Callable[[], float]
 
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}  # anything else (tool_calls, content_filter) ends as "stop"
+# Anything else (tool_calls, content_filter) ends the answer as "stop".
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
 _DRAIN_AFTER_DONE_S = 1.0  # what [DONE] may be followed by: just the end of the chunked body
 _MESSAGE_LIMIT = 300  # upstream error text kept in our messages
 
@@ -69,14 +56,8 @@ class RemoteOpenAIEngine:
 
     capabilities = EngineCapabilities(streaming=True, logprobs=True)
 
-    def __init__(
-        self,
-        config: RemoteOpenAIEngineConfig,
-        *,
-        system_prompt: str | None = None,
-        env: Mapping[str, str] | None = None,
-        clock: Clock = time.monotonic,
-    ) -> None:
+    def __init__(self, config: RemoteOpenAIEngineConfig, *, system_prompt: str | None = None,
+                 env: Mapping[str, str] | None = None, clock: Clock = time.monotonic) -> None:
         self.config = config
         self.system_prompt = system_prompt
         self._env = os.environ if env is None else env
@@ -93,10 +74,15 @@ class RemoteOpenAIEngine:
         url = httpx.URL(self.config.base_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ConfigError(f"remote_openai base_url must be an http(s) URL, got {self.config.base_url!r}", param="base_url")
+        cfg = self.config
         self._client = httpx.AsyncClient(
             headers=self._auth_headers(),
-            timeout=_timeouts(self.config),
-            limits=httpx.Limits(max_connections=self.config.max_connections, max_keepalive_connections=self.config.max_connections),
+            # read bounds every wait for bytes, so it is also the first-token and stall limit;
+            # a wait for a pooled connection is bounded by the whole-answer deadline.
+            timeout=httpx.Timeout(
+                connect=cfg.connect_timeout_s, read=cfg.read_timeout_s, write=cfg.read_timeout_s, pool=cfg.total_timeout_s
+            ),
+            limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections),
             # Proxies and CA bundles come from config, never from the environment (habit 2);
             # it also keeps loopback test traffic off any proxy the machine names.
             trust_env=False,
@@ -160,15 +146,9 @@ class RemoteOpenAIEngine:
 
     def _payload(self, request: GenerationRequest, messages: tuple[ChatMessage, ...]) -> dict[str, Any]:
         sampling = request.sampling
-        body: dict[str, Any] = {
-            "model": self.config.model,
-            "messages": messages_as_dicts(messages),
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_tokens": sampling.max_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-        }
+        body: dict[str, Any] = {"model": self.config.model, "messages": messages_as_dicts(messages),
+                                "stream": True, "stream_options": {"include_usage": True},
+                                "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
         # Optional fields only when used: some compatible servers reject nulls they do not know.
         if sampling.stop:
             body["stop"] = list(sampling.stop)
@@ -238,13 +218,20 @@ class _Answer:
         self.deltas = 0
 
     def feed(self, data: str) -> GenerationChunk | None:
-        """The text chunk in one event's data, if any; raises ``EngineError`` for an error event."""
+        """The text chunk in one event's data, if any; raises ``EngineError`` for an error
+        event or one it cannot read (upstream garbage is not our bug, so never a 500)."""
         if data.strip() == "[DONE]":
             self.done = True
             return None
         event = _json_object(data)
-        if event.get("error"):
+        if event.get("error") or event.get("object") == "error":  # OpenAI's shape, and older vLLM's
             raise EngineError(f"upstream error mid-stream: {_error_text(event)}", code="upstream_stream_error")
+        try:
+            return self._read_event(event)
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise EngineError(f"upstream sent an unreadable event: {data[:_MESSAGE_LIMIT]!r}", code="upstream_bad_stream") from err
+
+    def _read_event(self, event: dict[str, Any]) -> GenerationChunk | None:
         if event.get("usage"):
             self.usage = _usage(event["usage"])
         choice = next((c for c in event.get("choices") or () if c.get("index", 0) == 0), None)
@@ -309,15 +296,14 @@ def status_error(status: int, body: bytes) -> SLMError:
 
 
 def _lenient_json(body: bytes) -> dict[str, Any]:
-    try:
+    with contextlib.suppress(ValueError):
         parsed = json.loads(body)
-    except ValueError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
 
 
 def _error_text(payload: Mapping[str, Any]) -> str:
-    error = payload.get("error")
+    error = payload.get("error", payload)
     message = error.get("message") if isinstance(error, dict) else error
     return str(message)[:_MESSAGE_LIMIT] if message else ""
 
@@ -368,7 +354,8 @@ def _transport_errors(phase: str) -> Iterator[None]:
     except httpx.ConnectError as err:
         raise EngineUnavailableError(f"cannot connect to the upstream: {err}", code="upstream_unreachable") from err
     except httpx.TransportError as err:
-        raise EngineError(f"upstream connection failed while {phase}: {type(err).__name__}: {err}", code="upstream_connection_lost") from err
+        message = f"upstream connection failed while {phase}: {type(err).__name__}: {err}"
+        raise EngineError(message, code="upstream_connection_lost") from err
 
 
 async def _drain(lines: AsyncIterator[str], deadline: _Deadline) -> None:
@@ -379,13 +366,3 @@ async def _drain(lines: AsyncIterator[str], deadline: _Deadline) -> None:
         while await _read(deadline, lambda: anext(lines, None), "draining", cap_s=_DRAIN_AFTER_DONE_S) is not None:
             pass
 
-
-def _timeouts(config: RemoteOpenAIEngineConfig) -> httpx.Timeout:
-    # read bounds every wait for bytes, so it is also the first-token and stall limit. A
-    # pool wait (all max_connections busy) is bounded by the whole-answer deadline.
-    return httpx.Timeout(
-        connect=config.connect_timeout_s,
-        read=config.read_timeout_s,
-        write=config.read_timeout_s,
-        pool=config.total_timeout_s,
-    )

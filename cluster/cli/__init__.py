@@ -1,0 +1,1 @@
+"""slmctl: the command line."""

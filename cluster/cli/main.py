@@ -1,0 +1,229 @@
+"""slmctl: validate a cluster config, bring the ensemble up on a local Ray cluster, watch it, tear it down."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from cluster.cli.ray_cluster import LocalCluster, RayClusterError
+from cluster.cli.report import app_view, progress_line, status_table
+from cluster.config import ClusterConfig
+from cluster.errors import ConfigError
+from cluster.loader import PROFILES, load_config, resolve_config
+from cluster.overrides import with_remote_frontier
+from cluster.placement import fit_problems
+from cluster.serve_config import render_serve_config
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DOES_NOT_FIT = 0, 1, 2, 3
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    worst = EXIT_OK
+    for path in args.files:
+        try:
+            cfg = load_config(path)
+        except ConfigError as err:
+            print(str(err), file=sys.stderr)
+            worst = EXIT_BAD_CONFIG
+            continue
+        _say(f"{path}: OK ({len(cfg.models)} models, {len(cfg.deployments())} model deployments)")
+    return worst
+
+
+def _load_for_up(args: argparse.Namespace) -> ClusterConfig:
+    cfg = resolve_config(profile=None if args.config else args.profile, path=args.config)
+    if args.frontier_url:
+        if not args.frontier_model:
+            raise ConfigError("--frontier-url needs --frontier-model", issues=(("--frontier-model", "required with --frontier-url"),))
+        cfg = with_remote_frontier(cfg, base_url=args.frontier_url, model=args.frontier_model, api_key_env=args.frontier_api_key_env)
+    return cfg
+
+
+def _cluster(args: argparse.Namespace) -> LocalCluster:
+    return LocalCluster(dashboard_port=args.dashboard_port, ray_port=getattr(args, "ray_port", 6379))
+
+
+def _ready_banner(cfg: ClusterConfig, host: str, port: int, dashboard_url: str) -> str:
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    auth = f' -H "Authorization: Bearer $${cfg.gateway.api_keys_env}"' if cfg.gateway.api_keys_env else ""
+    return "\n".join(
+        [
+            "",
+            "slm-cluster is up.",
+            f"  OpenAI API:    {base}/v1   (models: {base}/v1/models)",
+            f"  Health:        {base}/healthz   {base}/readyz",
+            f"  Ray dashboard: {dashboard_url}",
+            "",
+            "Try it:",
+            f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+            """-d '{"model": "auto", "messages": [{"role": "user", "content": "Write a Python function that reverses a string."}], "max_tokens": 64}'""",
+            "",
+            "slmctl status   # deployments, replicas, GPU fractions",
+            "slmctl down     # stop everything",
+        ]
+    )
+
+
+def _wait_until_running(cluster: LocalCluster, app: str, timeout_s: float) -> int:
+    start = time.monotonic()
+    last_line, last_print = "", 0.0
+    while True:
+        elapsed = time.monotonic() - start
+        view = app_view(cluster.serve_details(), app)
+        if view is not None:
+            line = progress_line(view, elapsed)
+            if line.split("] ", 1)[1] != last_line or elapsed - last_print > 15:
+                _say(line)
+                last_line, last_print = line.split("] ", 1)[1], elapsed
+            if view.status == "RUNNING":
+                return EXIT_OK
+            if view.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                _say(status_table(view))
+                _say(f"\nDeploy failed: {view.message[:2000]}")
+                return EXIT_FAILED
+            if any(r.waiting_for_resources for r in view.rows):
+                _say(status_table(view))
+                _say("\nThe plan does not fit: some replicas wait for resources this cluster lacks. "
+                     "Lower num_gpus/num_cpus or replicas, or add nodes. `slmctl down` removes the app.")
+                return EXIT_DOES_NOT_FIT
+        if elapsed > timeout_s:
+            if view is not None:
+                _say(status_table(view))
+            _say(f"\nNot running after {timeout_s:g}s; it may still be loading. Check `slmctl status`.")
+            return EXIT_FAILED
+        time.sleep(1.0)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cfg = _load_for_up(args)
+    port = args.port or cfg.gateway.port
+    host = args.host or cfg.gateway.host
+    cluster = _cluster(args)
+    _say(f"Starting a local Ray cluster (dashboard on {cluster.dashboard_url}) ...")
+    started = cluster.start(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    if not started:
+        _say("  a Ray cluster is already running there; deploying onto it")
+    cpus, gpus = cluster.resources()
+    problems = fit_problems(cfg, cpus, gpus)
+    if problems and not args.skip_fit_check:
+        _say("The plan does not fit this cluster:")
+        for p in problems:
+            _say(f"  - {p}")
+        _say("Nothing was deployed. Lower the resources in the config, or start with more (--num-cpus/--num-gpus).")
+        return EXIT_DOES_NOT_FIT
+    _say(f"Deploying {len(cfg.deployments())} model deployments + router + gateway ({cpus:g} CPUs, {gpus:g} GPUs) ...")
+    cluster.deploy(render_serve_config(cfg, host=host, port=port))
+    code = _wait_until_running(cluster, cfg.name, args.timeout_s)
+    if code == EXIT_OK:
+        _say(_ready_banner(cfg, host, port, cluster.dashboard_url))
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    if not cluster.dashboard_up():
+        _say(f"No Ray cluster answers at {cluster.dashboard_url}. Start one with `slmctl up`.")
+        return EXIT_FAILED
+    details = cluster.serve_details()
+    apps = list((details.get("applications") or {}).keys())
+    if not apps:
+        _say("Ray is running, but no Serve application is deployed.")
+        return EXIT_FAILED
+    cpus, gpus = cluster.resources()
+    worst = EXIT_OK
+    for name in apps:
+        view = app_view(details, name)
+        assert view is not None
+        _say(status_table(view))
+        config = (details["applications"][name].get("deployed_app_config") or {}).get("args", {}).get("config")
+        if config:
+            try:
+                problems = fit_problems(ClusterConfig.model_validate(config), cpus, gpus)
+            except Exception:  # noqa: BLE001 - an app deployed by something else
+                problems = []
+            for p in problems:
+                _say(f"DOES NOT FIT: {p}")
+            if problems:
+                worst = EXIT_DOES_NOT_FIT
+        if any(r.waiting_for_resources for r in view.rows):
+            worst = EXIT_DOES_NOT_FIT
+        elif view.status != "RUNNING" and worst == EXIT_OK:
+            worst = EXIT_FAILED
+    _say(f"cluster: {cpus:g} CPUs, {gpus:g} GPUs; dashboard {cluster.dashboard_url}")
+    return worst
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    if cluster.dashboard_up():
+        _say("Deleting Serve applications ...")
+        cluster.delete_applications()
+    if not args.keep_ray:
+        _say("Stopping Ray ...")
+        cluster.stop()
+    _say("Down.")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slmctl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def cluster_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default 8265)")
+
+    up = sub.add_parser("up", help="start Ray, deploy a profile or config, wait until it serves")
+    src = up.add_mutually_exclusive_group()
+    src.add_argument("--profile", default="local", choices=PROFILES, help="a built-in profile (default: local)")
+    src.add_argument("--config", help="a cluster config file (YAML or JSON)")
+    up.add_argument("--host", help="HTTP bind address (default: the config's gateway.host)")
+    up.add_argument("--port", type=int, help="HTTP port of the API (default: the config's gateway.port, 8000)")
+    up.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (default 6379)")
+    up.add_argument("--num-cpus", type=float, help="logical CPUs of the local Ray node (default: all cores)")
+    up.add_argument("--num-gpus", type=float, help="GPUs of the local Ray node (default: detected)")
+    up.add_argument("--frontier-url", help="use this OpenAI-compatible endpoint for the frontier model")
+    up.add_argument("--frontier-model", help="upstream model name for --frontier-url")
+    up.add_argument("--frontier-api-key-env", help="env var holding the API key for --frontier-url")
+    up.add_argument("--timeout-s", type=float, default=900, help="give up waiting after this long (default 900)")
+    up.add_argument("--skip-fit-check", action="store_true", help="deploy even if the plan does not fit")
+    cluster_flags(up)
+    up.set_defaults(func=cmd_up)
+
+    status = sub.add_parser("status", help="deployments, replicas, GPU fractions and state")
+    cluster_flags(status)
+    status.set_defaults(func=cmd_status)
+
+    down = sub.add_parser("down", help="delete the application and stop Ray")
+    down.add_argument("--keep-ray", action="store_true", help="delete the application but leave Ray running")
+    cluster_flags(down)
+    down.set_defaults(func=cmd_down)
+
+    validate = sub.add_parser("validate", help="check cluster config files; name the file, field and reason of each error")
+    validate.add_argument("files", nargs="+")
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except RayClusterError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("\ninterrupted; anything deployed keeps running (`slmctl status`, `slmctl down`)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
