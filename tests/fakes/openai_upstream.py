@@ -90,6 +90,8 @@ class OpenAIUpstream:
 
     def start(self) -> "OpenAIUpstream":
         """Binds a free loopback port and returns once the server accepts connections."""
+        if self._server is not None:
+            return self
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -186,11 +188,12 @@ def _answer(knobs: UpstreamKnobs, body: dict[str, Any]) -> tuple[list[str], str]
     natural = [(" " if i else "") + w for i, w in enumerate(words)]
     stops = body.get("stop") or []
     stops = [stops] if isinstance(stops, str) else stops
+    limit = int(body.get("max_completion_tokens") or body.get("max_tokens") or 1 << 30)
     tokens: list[str] = []
     for token in natural:
         if any(s in "".join(tokens) + token for s in stops):
             return tokens, "stop"
-        if len(tokens) == int(body.get("max_tokens") or 1 << 30):
+        if len(tokens) == limit:
             return tokens, "length"
         tokens.append(token)
     return tokens, "stop"
