@@ -82,6 +82,9 @@ class FakeEngineConfig(Strict):
     tokens_per_s: float = Field(0.0, ge=0, description="Decode speed per sequence; 0 means no delay.")
     default_completion_tokens: int = Field(16, ge=1, description="Tokens produced when max_tokens allows.")
     failure_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that fail before the first token.")
+    failure_error: Literal["engine_error", "unavailable", "timeout"] = Field(
+        "engine_error", description="The typed error those failures raise (502, 503 or 504 at the gateway)."
+    )
     midstream_failure_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that fail after some tokens.")
     stall_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that stall mid-stream for stall_s.")
     stall_s: float = Field(30.0, ge=0, description="How long a stalled request hangs.")
@@ -144,11 +147,20 @@ class CostConfig(Strict):
 
 
 class ModelVersionConfig(Strict):
+    @model_validator(mode="after")
+    def _queue_limit(self) -> "ModelVersionConfig":
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
+        return self
+
     name: Name = Field(description="Version name, e.g. v1; the deployment is <model>-<version>.")
     engine: EngineConfig = Field(description="The inference engine and its settings.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-replica resources.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
     max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica takes at once; more queue in the caller.")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests each caller queues for this deployment beyond that (503 past it); -1 for no limit."
+    )
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices and energy, for routing and reports.")
     system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
 

@@ -46,6 +46,7 @@ def build_from_config(cfg: ClusterConfig) -> Application:
                 ray_actor_options=version.resources.ray_actor_options(),
                 autoscaling_config=version.autoscaling.serve_options(),
                 max_ongoing_requests=version.max_ongoing_requests,
+                max_queued_requests=version.max_queued_requests,
                 # Model loading can take minutes on a cold node; health checks start after.
                 health_check_period_s=10,
                 health_check_timeout_s=30,

@@ -12,7 +12,7 @@ import random
 from typing import AsyncIterator
 
 from cluster.config import FakeEngineConfig
-from cluster.errors import EngineError, EngineUnavailableError
+from cluster.errors import EngineError, EngineTimeoutError, EngineUnavailableError
 from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest, TokenLogprob, Usage
 from deployments.engines.common import StopMatcher, with_system_prompt
 
@@ -27,6 +27,9 @@ def fake_tokens(prompt: str, count: int) -> list[str]:
     seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
     rng = random.Random(seed)
     return [(" " if i else "") + rng.choice(_WORDS) for i in range(count)]
+
+
+_FAILURES = {"engine_error": EngineError, "unavailable": EngineUnavailableError, "timeout": EngineTimeoutError}
 
 
 class FakeEngine:
@@ -75,7 +78,7 @@ class FakeEngine:
             if cfg.ttft_ms:
                 await asyncio.sleep(cfg.ttft_ms / 1000)
             if fail_early:
-                raise EngineError("fake engine failure (failure_rate)")
+                raise _FAILURES[cfg.failure_error]("fake engine failure (failure_rate)")
             stops = StopMatcher(request.sampling.stop)
             emitted = 0
             # The answer is cut by max_tokens when it is shorter than the natural answer.

@@ -167,7 +167,7 @@ class ChunkAssembler:
         chunks: list[GenerationChunk] = []
         if not self._stopped:
             held = self._stops.flush()
-            tail = self._text_chunk(held)
+            tail = self._text_chunk(_strip_stop_prefix(held, matched_stop) if matched_stop else held)
             if tail is not None:
                 chunks.append(tail)
         reason: FinishReason = "stop" if self._stopped else finish_reason

@@ -19,7 +19,7 @@ import collections
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -158,12 +158,13 @@ class DecodeLoop:
                     await self._idle()
                 await self._step()
         except asyncio.CancelledError:
-            self._fail_all(EngineUnavailableError("hf engine shut down"))
+            self._fail_all(lambda: EngineUnavailableError("hf engine shut down"))
             raise
         except Exception as exc:  # noqa: BLE001 - any loop failure must reach every caller
             log.exception("hf decode loop failed")
             self.failure = exc
-            self._fail_all(EngineError(f"hf engine decode loop failed: {type(exc).__name__}: {exc}"))
+            message = f"hf engine decode loop failed: {type(exc).__name__}: {exc}"
+            self._fail_all(lambda: EngineError(message))
 
     async def _idle(self) -> None:
         self._waiting = collections.deque(s for s in self._waiting if not s.done)
@@ -219,12 +220,13 @@ class DecodeLoop:
         self.stats.completed += 1
         seq.events.put_nowait(FinishedEvent(reason, seq.generated))
 
-    def _fail_all(self, error: SLMError) -> None:
+    def _fail_all(self, make_error: Callable[[], SLMError]) -> None:
+        # One error object per caller: each raise writes its own traceback onto the object.
         for seq in [*self._active, *self._waiting]:
             if not seq.done:
                 seq.done = True
                 self.stats.failed += 1
-                seq.events.put_nowait(FailedEvent(error))
+                seq.events.put_nowait(FailedEvent(make_error()))
         self._active, self._waiting, self._batch = [], collections.deque(), None
 
     # --- on the worker thread ------------------------------------------------------------
