@@ -102,13 +102,11 @@ def sampling_params(sampling: SamplingParams) -> dict[str, Any]:
 
 
 def _error_for_status(status: int, message: str) -> SLMError:
-    if 400 <= status < 500 and status != 429:
-        return invalid_request(message)
     if status == 429:
         return RateLimitedError(message)
-    if status == 503:
-        return EngineUnavailableError(message)
-    return EngineError(message)
+    if 400 <= status < 500:
+        return invalid_request(message)
+    return EngineUnavailableError(message) if status == 503 else EngineError(message)
 
 
 def finish_reason(reason: Any) -> FinishReason:

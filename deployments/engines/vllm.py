@@ -125,8 +125,11 @@ def token_logprobs(token_ids: Sequence[int], logprobs: Sequence[Any] | None) -> 
         return ()
     out = []
     for token_id, position in zip(token_ids, logprobs):
-        entry = position.get(token_id) or next(iter(position.values()))
-        out.append(TokenLogprob(token=entry.decoded_token or "", logprob=float(entry.logprob)))
+        # The sampled token is always in its position's dict; the fallback only guards
+        # against a library change (and an empty dict yields no logprob rather than a crash).
+        entry = position.get(token_id) or next(iter(position.values()), None)
+        if entry is not None:
+            out.append(TokenLogprob(token=entry.decoded_token or "", logprob=float(entry.logprob)))
     return tuple(out)
 
 

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 import pytest
 
 from cluster.config import SGLangEngineConfig
-from cluster.errors import ContextLengthExceededError, EngineError, EngineUnavailableError, InvalidRequestError
+from cluster.errors import ContextLengthExceededError, EngineError, EngineUnavailableError, InvalidRequestError, RateLimitedError
 from cluster.protocols import Engine
 from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob, Usage
 from deployments.engines import create_engine
@@ -271,6 +271,7 @@ async def test_finish_reasons(finish: dict[str, Any], expected: str) -> None:
         ({"type": "abort", "message": "The input (9000 tokens) is longer than the model's context length (4096 tokens).", "status_code": 400}, ContextLengthExceededError),
         ({"type": "abort", "message": "bad regex", "status_code": 400}, InvalidRequestError),
         ({"type": "abort", "message": "server is overloaded", "status_code": 503}, EngineUnavailableError),
+        ({"type": "abort", "message": "too many requests", "status_code": 429}, RateLimitedError),
         ({"type": "abort", "message": "internal error", "status_code": 500}, EngineError),
         ({"type": "mystery"}, EngineError),
     ],

@@ -20,7 +20,7 @@ from cluster.errors import ContextLengthExceededError, EngineError, EngineUnavai
 from cluster.protocols import Engine
 from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob, Usage
 from deployments.engines import create_engine
-from deployments.engines.vllm import VLLMBackend, VLLMEngine, engine_args_kwargs, sampling_kwargs
+from deployments.engines.vllm import VLLMBackend, VLLMEngine, engine_args_kwargs, sampling_kwargs, token_logprobs
 
 # --- fakes with vLLM's attribute names ---------------------------------------------------
 
@@ -235,6 +235,10 @@ async def test_logprobs_one_per_sampled_token_when_asked() -> None:
     # a step with a token but no text yet: its logprob rides with the next text
     assert chunks[1].text == "c" and [lp.token for lp in chunks[1].logprobs] == ["\ufffd", "c"]
     assert chunks[-1].usage == Usage(prompt_tokens=5, completion_tokens=4)
+
+
+def test_logprob_positions_without_the_sampled_token() -> None:
+    assert token_logprobs([1, 2], [{}, {999: Logprob(-2.0, 1, "y")}]) == (TokenLogprob("y", -2.0),)
 
 
 async def test_no_logprobs_unless_asked() -> None:
