@@ -20,10 +20,12 @@ Knobs (``UpstreamKnobs``, the constructor's keyword arguments, mutable as ``upst
 the answer (fixed, or derived from the prompt), delays, a forced error status, a required
 API key, and a stream that fails after N tokens by hang-up, error event or early end.
 
-Counters (read them from the test; the server thread updates them): ``requests``,
-``completed`` (answers sent to the end), ``disconnected`` (requests whose client went away
-before the end: what an engine's abort looks like from the upstream), ``last_authorization``
-(the Authorization header of the last request) and ``last_body`` (its parsed JSON).
+Counters (the server thread updates them): ``requests``, ``completed`` (answers sent to the
+end), ``disconnected`` (requests whose client went away before the end: what an engine's
+abort looks like from the upstream), ``last_authorization`` (the Authorization header of the
+last request) and ``last_body`` (its parsed JSON). All but ``disconnected`` are updated
+before the client can have read the whole response; ``disconnected`` a moment after the
+client leaves, so poll for it.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class OpenAIUpstream:
         knobs = dataclasses.replace(self.knobs)  # a snapshot: a test may change knobs meanwhile
         await self._until_disconnect(receive, self._respond(knobs, body, self.last_authorization, send))
 
-    async def _until_disconnect(self, receive: Receive, work: Awaitable[bool]) -> None:
+    async def _until_disconnect(self, receive: Receive, work: Awaitable[None]) -> None:
         """Runs the response while watching for the client going away; a departure cancels
         the response and counts in ``disconnected`` (Starlette does the same, but only for
         some ASGI versions, and the counter must be exact for the abort contract)."""
@@ -153,26 +155,31 @@ class OpenAIUpstream:
         finally:
             watcher.cancel()
         if task in done:  # checked first: uvicorn also reports "disconnect" once a response is complete
-            self.completed += bool(task.result())  # result() re-raises _HangUp for uvicorn
+            task.result()  # re-raises _HangUp, so that uvicorn drops the connection
             return
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self.disconnected += 1
 
-    async def _respond(self, knobs: UpstreamKnobs, body: dict[str, Any], auth: str | None, send: Send) -> bool:
-        """Sends one whole response; True when it was a complete, successful answer."""
+    async def _respond(self, knobs: UpstreamKnobs, body: dict[str, Any], auth: str | None, send: Send) -> None:
+        """Sends one whole response. ``completed`` counts a successful answer just before its
+        last bytes go out, so a client that has read the whole answer sees the count."""
         await asyncio.sleep(knobs.first_byte_delay_s)
         status = knobs.status
         if status is None and knobs.api_key is not None and auth != f"Bearer {knobs.api_key}":
             status = 401
         if status is not None:
             await _send_json(send, status, _error_body(status, knobs.error_message))
-            return False
+            return
         tokens, finish = _answer(knobs, body)
         if body.get("stream"):
-            return await _stream(send, knobs, body, tokens, finish)
+            await _stream(send, knobs, body, tokens, finish, self._count_completed)
+            return
+        self._count_completed()
         await _send_json(send, 200, _completion(body, tokens, finish))
-        return True
+
+    def _count_completed(self) -> None:
+        self.completed += 1
 
 
 # --- the answer ----------------------------------------------------------------------
@@ -225,7 +232,8 @@ def _completion(body: dict[str, Any], tokens: list[str], finish: str) -> dict[st
 # --- streaming -----------------------------------------------------------------------
 
 
-async def _stream(send: Send, knobs: UpstreamKnobs, body: dict[str, Any], tokens: list[str], finish: str) -> bool:
+async def _stream(send: Send, knobs: UpstreamKnobs, body: dict[str, Any], tokens: list[str], finish: str,
+                  completed: Callable[[], None]) -> None:
     """Streams the answer as OpenAI does: a role chunk, one chunk per token, a finish chunk,
     a usage chunk when asked, then ``[DONE]``. The failure knobs cut it short."""
     include_usage = knobs.send_usage and bool((body.get("stream_options") or {}).get("include_usage"))
@@ -240,26 +248,27 @@ async def _stream(send: Send, knobs: UpstreamKnobs, body: dict[str, Any], tokens
     await _event(send, chunk({"role": "assistant", "content": ""}))
     for i, token in enumerate(tokens):
         if knobs.fail_after_tokens is not None and i == knobs.fail_after_tokens:
-            return await _break(send, knobs)
+            await _break(send, knobs)
+            return
         if i and knobs.token_delay_s:
             await asyncio.sleep(knobs.token_delay_s)
         await _event(send, chunk({"content": token}, logprobs=_logprobs(body, [token], i)))
     if knobs.fail_after_tokens is not None and knobs.fail_after_tokens >= len(tokens):
-        return await _break(send, knobs)
+        await _break(send, knobs)
+        return
     await _event(send, chunk({}, reason=finish))
     if include_usage:
         await _event(send, {**chunk({}), "choices": [], "usage": _usage(body, tokens)})
+    completed()
     await _body(send, b"data: [DONE]\n\n", more=False)
-    return True
 
 
-async def _break(send: Send, knobs: UpstreamKnobs) -> bool:
+async def _break(send: Send, knobs: UpstreamKnobs) -> None:
     if knobs.failure == "hangup":
         raise _HangUp()
     if knobs.failure == "error_event":
         await _event(send, _error_body(500, knobs.error_message))
     await _body(send, b"", more=False)
-    return False
 
 
 # --- ASGI plumbing -------------------------------------------------------------------
