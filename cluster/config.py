@@ -161,6 +161,9 @@ class ModelVersionConfig(Strict):
     max_queued_requests: int = Field(
         -1, ge=-1, description="Requests each caller queues for this deployment beyond that (503 past it); -1 for no limit."
     )
+    stream_batch_interval_ms: float = Field(
+        10.0, ge=0, le=1000, description="After the first chunk, streamed chunks are sent to the gateway in lists at most this often."
+    )
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices and energy, for routing and reports.")
     system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
 
@@ -189,7 +192,7 @@ class RouterConfig(Strict):
     escalation_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the artifact's calibrated threshold.")
     request_timeout_s: float = Field(2.0, gt=0, description="Longest wait for a route; past it auto goes to the general model.")
     max_batch_size: int = Field(32, ge=1, description="@serve.batch max_batch_size.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch batch_wait_timeout_s.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="@serve.batch batch_wait_timeout_s: how long a batch waits to fill.")
     resources: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.5), description="Per-replica resources.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
     max_ongoing_requests: int = Field(128, ge=1, description="Requests one router replica takes at once.")

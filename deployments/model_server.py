@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 from cluster.config import ModelVersionConfig
 from cluster.types import GenerationChunk, GenerationRequest
 from deployments.engines import create_engine
+from deployments.stream_batching import batched_chunks
 
 log = logging.getLogger("ray.serve")
 
@@ -29,15 +30,16 @@ class ModelServer:
         await self.engine.start()
         log.info("model server %s@%s: ready", model, version.name)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream the engine's chunks. Serve cancels this generator when the caller goes
-        away; closing the engine's iterator then aborts the generation."""
-        stream = self.engine.generate(request)
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[GenerationChunk]]:
+        """Stream the engine's chunks, coalesced into lists (see ``stream_batching``).
+        Serve cancels this generator when the caller goes away; that closes the engine's
+        iterator, which aborts the generation."""
+        batches = batched_chunks(self.engine.generate(request), self.version.stream_batch_interval_ms / 1000)
         try:
-            async for chunk in stream:
-                yield chunk
+            async for batch in batches:
+                yield batch
         finally:
-            await stream.aclose()
+            await batches.aclose()
 
     async def check_health(self) -> None:
         await self.engine.check_health()

@@ -22,7 +22,7 @@ class Router:
         self.route_batch.set_max_batch_size(config.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)  # both reset from config in __init__
     async def route_batch(self, texts: Sequence[str]) -> list[RouteScores]:
         # score() is synchronous CPU work; a thread keeps the replica's loop (and the
         # batch queue) responsive while a trained model runs.

@@ -36,16 +36,17 @@ async def timed_chunks(
             try:
                 if wait <= 0:
                     raise asyncio.TimeoutError
-                chunk = await asyncio.wait_for(stream.__anext__(), wait)
+                batch = await asyncio.wait_for(stream.__anext__(), wait)
             except StopAsyncIteration:
                 raise EngineError("The model's stream ended before its final chunk.") from None
             except asyncio.TimeoutError:
                 raise EngineTimeoutError(f"The model did not produce the {what} in time.") from None
             last_at = clock()
-            yield chunk
-            if chunk.is_final:
-                finished = True
-                return
+            for chunk in batch:  # the ModelServer sends chunks in lists
+                yield chunk
+                if chunk.is_final:
+                    finished = True
+                    return
     finally:
         if not finished:
             stream.cancel()
