@@ -23,12 +23,21 @@ async def engine(n: int, delay_s: float = 0.0, fail_at: int | None = None, close
             closed.append(True)
 
 
-async def test_first_chunk_alone_then_everything_ready_together() -> None:
+async def test_everything_ready_travels_together_in_order() -> None:
     batches = [b async for b in batched_chunks(engine(10), interval_s=0.05)]
     flat = [c for b in batches for c in b]
     assert [c.text for c in flat[:-1]] == [f"t{i}" for i in range(10)] and flat[-1].is_final
-    assert len(batches[0]) == 1  # time to first token is not delayed
-    assert len(batches) <= 3
+    assert len(batches) <= 2
+
+
+async def test_the_first_chunk_does_not_wait_for_the_interval() -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    stream = batched_chunks(engine(5, delay_s=0.02), interval_s=1.0)
+    first = await stream.__anext__()
+    assert [c.text for c in first] == ["t0"] and loop.time() - start < 0.5
+    rest = [c async for b in stream for c in b]
+    assert len(rest) == 5
 
 
 async def test_slow_engine_is_sent_at_most_once_per_interval() -> None:
