@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The project's test command (CI runs exactly this): import contracts, then every test tier.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/lint-imports
+.venv/bin/python -m pytest -p no:cacheprovider "$@"
