@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import httpx
 import pytest
@@ -58,6 +59,17 @@ CONFIG = {
 }
 
 
+API_KEYS_ENV = "SLM_TEST_API_KEYS"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def api_keys_in_env():
+    # Set before Ray starts, so the gateway replicas inherit it.
+    os.environ[API_KEYS_ENV] = "key-one, key-two"
+    yield
+    os.environ.pop(API_KEYS_ENV, None)
+
+
 @pytest.fixture(scope="module")
 def base_url(ray_local: dict) -> str:  # noqa: F811
     from ray import serve
@@ -65,6 +77,8 @@ def base_url(ray_local: dict) -> str:  # noqa: F811
     from deployments.app import build_from_config
 
     serve.run(build_from_config(config_from_dict(CONFIG)), name="errs", route_prefix="/")
+    authed = {**CONFIG, "name": "authed", "gateway": {**CONFIG["gateway"], "api_keys_env": API_KEYS_ENV}}
+    serve.run(build_from_config(config_from_dict(authed)), name="authed", route_prefix="/authed")
     return ray_local["base_url"]
 
 
@@ -222,3 +236,18 @@ def test_models_and_health(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), ({"authorization": "Bearer nope"}, 401), ({"authorization": "key-one"}, 401),
+     ({"authorization": "Bearer key-one"}, 200), ({"authorization": "Bearer key-two"}, 200)],
+)
+def test_api_keys(client: httpx.Client, headers: dict, status: int) -> None:
+    resp = client.post("/authed/v1/chat/completions", json=chat(), headers=headers)
+    if status == 200:
+        assert resp.status_code == 200, resp.text
+    else:
+        assert_error(resp, 401, code="invalid_api_key")
+    models = client.get("/authed/v1/models", headers=headers)
+    assert models.status_code == status
