@@ -59,13 +59,12 @@ class HFEngine:
         # One dedicated worker thread for loading and every forward pass: compute is
         # serialized, and torch's per-thread settings are made once, where they apply.
         executor = ThreadPoolExecutor(1, thread_name_prefix="hf-engine", initializer=_init_worker, initargs=(self.config.torch_threads,))
+        loaded: LoadedModel | None = None
         try:
-            loaded = await asyncio.get_running_loop().run_in_executor(executor, self._loader, self.config)
-        except BaseException as err:
-            executor.shutdown(wait=False)
-            if isinstance(err, (SLMError, asyncio.CancelledError)) or not isinstance(err, Exception):
-                raise
-            raise EngineError(f"hf engine failed to load its model: {type(err).__name__}: {err}") from err
+            loaded = await asyncio.get_running_loop().run_in_executor(executor, self._load)
+        finally:
+            if loaded is None:  # failed or cancelled: leave nothing running
+                executor.shutdown(wait=False)
         self._loaded, self._executor = loaded, executor
         self._decoder = DecodeLoop(
             loaded,
@@ -142,18 +141,18 @@ class HFEngine:
         )
         decoder.submit(seq)
         stream = TextStream(self._require_loaded().tokenizer, request.sampling)
-        ended = False
+        outcome = "aborted"  # unless the stream reaches its final chunk or fails
         try:
             while True:
                 event = await seq.events.get()
                 if isinstance(event, FailedEvent):
-                    ended = True
+                    outcome = "failed"
                     raise event.error
                 if isinstance(event, FinishedEvent):
                     chunk, hit = stream.flush()
                     if chunk is not None:
                         yield chunk
-                    ended = True
+                    outcome = "completed"
                     reason = "stop" if hit else event.reason
                     yield GenerationChunk(finish_reason=reason, usage=Usage(len(prompt_ids), event.completion_tokens))
                     return
@@ -161,14 +160,24 @@ class HFEngine:
                 if chunk is not None:
                     yield chunk
                 if hit:
-                    ended = True
-                    seq.done = True  # a stop string: the loop drops the row at its next step
+                    outcome = "completed"
+                    seq.done = True  # free the row now, not when the caller next pulls
                     yield GenerationChunk(finish_reason="stop", usage=Usage(len(prompt_ids), stream.tokens))
                     return
         finally:
-            seq.done = True  # whatever happened, this sequence takes no more compute
-            if not ended:
+            seq.done = True  # whatever happened, the loop drops this row at its next step
+            if outcome == "completed":
+                self.stats.completed += 1
+            elif outcome == "aborted":
                 self.stats.aborted += 1
+
+    def _load(self) -> LoadedModel:
+        try:
+            return self._loader(self.config)
+        except SLMError:
+            raise
+        except Exception as err:  # noqa: BLE001 - an untyped load failure is still the engine's failure
+            raise EngineError(f"hf engine failed to load its model: {type(err).__name__}: {err}") from err
 
     def _generator(self, sampling: SamplingParams) -> torch.Generator | None:
         if sampling.temperature == 0:

@@ -69,14 +69,15 @@ class Sequence:
 class BatchStats:
     """Counters for tests and metrics; only the event loop thread writes them."""
 
-    admitted: int = 0
-    completed: int = 0
-    aborted: int = 0  # written by the consumer side (HFEngine.generate)
-    failed: int = 0
+    admitted: int = 0  # requests that entered the running batch
+    completed: int = 0  # streams that ended with a final chunk (counted by HFEngine.generate)
+    aborted: int = 0  # streams the caller closed early (counted by HFEngine.generate)
+    failed: int = 0  # requests failed by a loop failure or shutdown
     prefill_passes: int = 0
     decode_passes: int = 0
     tokens: int = 0
     max_decode_rows: int = 0  # most sequences decoded together in one forward pass
+    joins: int = 0  # prefills merged into an already running batch (continuous batching)
     active_rows: int = 0  # sequences in the running batch after the last step
 
 
@@ -127,6 +128,7 @@ class _StepResult:
     tokens: list[tuple[int, float]]  # one (token id, logprob) per row, in the new active order
     decode_rows: int
     prefill_rows: int
+    joined: bool  # the prefilled rows were merged into a running batch
 
 
 class DecodeLoop:
@@ -182,9 +184,11 @@ class DecodeLoop:
         kept = [self._active[i] for i in keep]
         newcomers = self._admit(self._max_batch_size - len(kept))
         self.stats.admitted += len(newcomers)
+        # The new row order, set before computing so that a failure or shutdown during the
+        # step reaches the newcomers too (they have already left the waiting queue).
+        self._active = kept + newcomers
         running = asyncio.get_running_loop()
         result = await running.run_in_executor(self._executor, self._compute, keep, kept, newcomers)
-        self._active = kept + newcomers
         self._record(result)
         for seq, (token_id, logprob) in zip(self._active, result.tokens):
             self._deliver(seq, token_id, logprob)
@@ -201,6 +205,7 @@ class DecodeLoop:
     def _record(self, result: _StepResult) -> None:
         self.stats.decode_passes += bool(result.decode_rows)
         self.stats.prefill_passes += bool(result.prefill_rows)
+        self.stats.joins += result.joined
         self.stats.tokens += len(result.tokens)
         self.stats.max_decode_rows = max(self.stats.max_decode_rows, result.decode_rows)
 
@@ -217,7 +222,6 @@ class DecodeLoop:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.done = True
-        self.stats.completed += 1
         seq.events.put_nowait(FinishedEvent(reason, seq.generated))
 
     def _fail_all(self, make_error: Callable[[], SLMError]) -> None:
@@ -241,6 +245,7 @@ class DecodeLoop:
                     self._batch = None
             if self._batch is not None:
                 tokens += self._decode(self._batch, kept)
+            joined = bool(newcomers) and self._batch is not None
             if newcomers:
                 fresh, first = self._prefill(newcomers)
                 tokens += first
@@ -248,7 +253,7 @@ class DecodeLoop:
                     self._batch = fresh
                 else:
                     self._batch.merge(fresh)
-            return _StepResult(tokens, decode_rows=len(kept), prefill_rows=len(newcomers))
+            return _StepResult(tokens, decode_rows=len(kept), prefill_rows=len(newcomers), joined=joined)
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: object) -> torch.Tensor:
         kwargs = {self._loaded.cache_kwarg: cache}

@@ -137,10 +137,10 @@ def load_model(config: HFEngineConfig) -> LoadedModel:
         raise ArtifactError(f"cannot load model from {source.folder} ({source.gguf_file}): {err}") from err
     model.to(device)
     model.eval()
-    return prepared(model, tokenizer, device)
+    return as_loaded_model(model, tokenizer, device)
 
 
-def prepared(model: Any, tokenizer: Any, device: torch.device) -> LoadedModel:
+def as_loaded_model(model: Any, tokenizer: Any, device: torch.device) -> LoadedModel:
     """Wrap an already loaded model and tokenizer; raises ``ArtifactError`` for models the
     decode loop cannot batch (sliding-window or recurrent cache layers)."""
     _require_full_attention(model)
@@ -180,7 +180,10 @@ def _require_full_attention(model: Any) -> None:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    layers = DynamicCache(config=model.config).layers
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except (TypeError, AttributeError) as err:  # before the per-layer cache API of transformers 4.56
+        raise EngineError(f"hf engine needs transformers >= 4.56 (per-layer DynamicCache): {err}") from err
     odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
     if odd:
         raise ArtifactError(f"hf engine batches full-attention models only; this model has {', '.join(odd)} cache layers")
