@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Serve says this when a replica waits for resources the cluster does not have.
-_UNSCHEDULABLE_HINTS = ("taken more than", "to be scheduled", "Resources required", "insufficient", "infeasible")
+# Serve says this when a replica waits for resources the cluster does not have. (A slow
+# model load says "taken more than 30s to initialize" instead: that is not this.)
+_UNSCHEDULABLE_HINTS = ("to be scheduled", "resources required for each replica", "infeasible")
 
 
 @dataclass(frozen=True)

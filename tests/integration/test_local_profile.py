@@ -4,6 +4,7 @@ official `openai` client, answered by the real SmolLM2-135M-Instruct."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.util
 
 import pytest
@@ -36,6 +37,7 @@ def client():
         down()
 
 
+@functools.lru_cache(maxsize=None)
 def reference_answer(model: str, version: str, prompt: str) -> str:
     """The same version's engine, run here in-process at temperature 0."""
     from deployments.engines import create_engine

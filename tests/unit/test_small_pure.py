@@ -162,6 +162,9 @@ DETAILS = {
             "status": "DEPLOYING",
             "message": "",
             "deployments": {
+                "slow-v1": {"status": "UPDATING", "target_num_replicas": 1, "replicas": [{"state": "STARTING"}],
+                            "message": "Deployment 'slow-v1' has 1 replicas that have taken more than 30s to initialize. "
+                                       "This may be caused by a slow __init__ or reconfigure method."},
                 "code-v1": {"status": "HEALTHY", "target_num_replicas": 1, "replicas": [{"state": "RUNNING"}],
                             "deployment_config": {"ray_actor_options": {"num_gpus": 0.25, "num_cpus": 1}}},
                 "math-v1": {"status": "UPDATING", "target_num_replicas": 1, "replicas": [{"state": "PENDING_ALLOCATION"}],
@@ -176,9 +179,10 @@ DETAILS = {
 def test_cli_views() -> None:
     assert app_view(DETAILS, "other") is None
     view = app_view(DETAILS, "slm")
-    code, math = view.rows
+    code, math, slow = view.rows
     assert (code.running, code.target, code.num_gpus) == (1, 1, 0.25)
     assert math.waiting_for_resources and not code.waiting_for_resources
-    assert "1/2 deployments healthy" in progress_line(view, 3) and "math-v1 0/1" in progress_line(view, 3)
+    assert not slow.waiting_for_resources  # a slow model load is not a placement problem
+    assert "1/3 deployments healthy" in progress_line(view, 3) and "math-v1 0/1" in progress_line(view, 3)
     table = status_table(view)
     assert "WAITING FOR RESOURCES" in table and "0.25" in table
