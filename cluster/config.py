@@ -147,12 +147,6 @@ class CostConfig(Strict):
 
 
 class ModelVersionConfig(Strict):
-    @model_validator(mode="after")
-    def _queue_limit(self) -> "ModelVersionConfig":
-        if self.max_queued_requests == 0:
-            raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
-        return self
-
     name: Name = Field(description="Version name, e.g. v1; the deployment is <model>-<version>.")
     engine: EngineConfig = Field(description="The inference engine and its settings.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-replica resources.")
@@ -166,6 +160,12 @@ class ModelVersionConfig(Strict):
     )
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices and energy, for routing and reports.")
     system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
+
+    @model_validator(mode="after")
+    def _queue_limit(self) -> "ModelVersionConfig":
+        if self.max_queued_requests == 0:
+            raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
+        return self
 
 
 class ModelConfig(Strict):

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Mapping
+from typing import Any, Awaitable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
