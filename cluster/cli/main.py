@@ -106,7 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     host = args.host or cfg.gateway.host
     cluster = _cluster(args)
     _say(f"Starting a local Ray cluster (dashboard on {cluster.dashboard_url}) ...")
-    started = cluster.start(num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    started = cluster.start(num_cpus=args.num_cpus, num_gpus=args.num_gpus, throughput_optimized=args.throughput_optimized)
     if not started:
         _say("  a Ray cluster is already running there; deploying onto it")
     cpus, gpus = cluster.resources()
@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--frontier-api-key-env", help="env var holding the API key for --frontier-url")
     up.add_argument("--timeout-s", type=float, default=900, help="give up waiting after this long (default 900)")
     up.add_argument("--skip-fit-check", action="store_true", help="deploy even if the plan does not fit")
+    up.add_argument(
+        "--throughput-optimized",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (default: on)",
+    )
     cluster_flags(up)
     up.set_defaults(func=cmd_up)
 

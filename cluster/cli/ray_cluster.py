@@ -45,8 +45,13 @@ class LocalCluster:
         except httpx.HTTPError:
             return False
 
-    def start(self, *, num_cpus: float | None, num_gpus: float | None) -> bool:
-        """Start a head node unless one answers already; True when this call started it."""
+    def start(self, *, num_cpus: float | None, num_gpus: float | None, throughput_optimized: bool = True) -> bool:
+        """Start a head node unless one answers already; True when this call started it.
+
+        ``throughput_optimized`` sets Ray's own RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for every
+        process of the node (handle routing on the caller's loop, direct ingress, gRPC
+        between replicas); docs/benchmarks.md shows what it buys on this path.
+        """
         if self.dashboard_up():
             return False
         cmd = [
@@ -62,6 +67,8 @@ class LocalCluster:
         if num_gpus is not None:
             cmd.append(f"--num-gpus={num_gpus:g}")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        if throughput_optimized:
+            env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RayClusterError(f"ray start failed:\n{done.stdout}\n{done.stderr}")
