@@ -7,14 +7,12 @@ from cluster.protocols import RouterModel
 
 
 def create_router_model(config: RouterConfig) -> RouterModel:
-    """The router model the config names; the trained one arrives with its own issue."""
+    """The router model the config names: the trained micro-model (the shipped default
+    artifact when ``artifact_path`` is null) or the keyword heuristic fallback."""
     if config.kind == "heuristic":
         from router_models.heuristic import HeuristicRouter
 
         return HeuristicRouter()
-    from cluster.errors import ConfigError
+    from router_models.trained import TrainedRouter
 
-    raise ConfigError(
-        "the trained router is not available in this build",
-        issues=(("router.kind", "kind 'trained' is not implemented yet; use 'heuristic'"),),
-    )
+    return TrainedRouter(config.artifact_path, threshold=config.escalation_threshold, threads=config.torch_threads)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from importlib import metadata
 from typing import Sequence
 
 from cluster.cli.ray_cluster import LocalCluster, RayClusterError
 from cluster.cli.report import app_view, progress_line, status_table
 from cluster.config import ClusterConfig
-from cluster.errors import ConfigError
+from cluster.errors import ConfigError, SLMError
 from cluster.loader import PROFILES, load_config, resolve_config
 from cluster.overrides import with_remote_frontier
 from cluster.placement import fit_problems
@@ -213,7 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check cluster config files; name the file, field and reason of each error")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_validate)
+    add_plugin_commands(sub)
     return parser
+
+
+def add_plugin_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Commands that other packages register under the ``slmctl.commands`` entry-point group.
+
+    The kernel may not import the packages above it (``router_models``, ``autoscaling``),
+    so they plug their commands in: each entry point is a ``register(subparsers)`` that
+    adds a subcommand whose ``func(args) -> int`` does the work.
+    """
+    for entry in sorted(metadata.entry_points(group="slmctl.commands"), key=lambda e: e.name):
+        entry.load()(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,6 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as err:
         print(str(err), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except SLMError as err:  # bad input to a command (a data file, a flag value)
+        print(f"error: {err.message}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except RayClusterError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -117,7 +117,7 @@ def test_every_field_has_a_description() -> None:
         (lambda d: d["models"][0]["versions"][0].update(engine={"kind": "tpu"}), "models[0].versions[0].engine", "tag"),
         (lambda d: d["models"][0]["versions"][0].update(resources={"num_gpus": -0.5}), "models[0].versions[0].resources.num_gpus", ""),
         (lambda d: d["models"][0]["versions"][0].update(max_queued_requests=0), "models[0].versions[0]", "max_queued_requests"),
-        (lambda d: d.update(router={"kind": "trained"}), "router.artifact_path", "needs artifact_path"),
+        (lambda d: d.update(router={"kind": "neural"}), "router.kind", "heuristic"),
         (lambda d: d.update(gateway={"default_max_tokens": 900, "max_tokens_cap": 100}), "gateway", "default_max_tokens"),
     ],
 )

@@ -1,0 +1,126 @@
+"""The trained router artifact: a folder with ``heads.npz`` (weights) and ``metadata.json``.
+
+Small (a few hundred KB: linear heads over a 384-d embedding, plus per-subject tables) and
+loadable without network. ``load_artifact`` checks everything a router needs before it
+serves, so a missing, corrupt or foreign artifact fails at start, never at a request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.errors import ArtifactError
+from router_models.features import CHEAP_FEATURES
+
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+WEIGHTS = "heads.npz"
+# Arrays every artifact must hold (shapes checked in _check_shapes).
+REQUIRED_ARRAYS = (
+    "subject_W", "subject_b", "subject_domain", "subject_escalation", "cheap_mean", "cheap_std",
+    "weak_wrong_w", "weak_wrong_b", "strong_right_w", "strong_right_b",
+    "mlp_weak_wrong_W1", "mlp_weak_wrong_b1", "mlp_weak_wrong_W2", "mlp_weak_wrong_b2",
+    "mlp_strong_right_W1", "mlp_strong_right_b1", "mlp_strong_right_W2", "mlp_strong_right_b2",
+    "blend_stats",
+)
+DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "default"
+
+
+@dataclass(frozen=True)
+class RouterArtifact:
+    path: Path
+    metadata: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.metadata["domains"])
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self.metadata["subjects"])
+
+    @property
+    def escalation_threshold(self) -> float:
+        return float(self.metadata["thresholds"]["escalation"])
+
+    @property
+    def embedder(self) -> dict[str, Any]:
+        return dict(self.metadata["embedder"])
+
+
+def _fail(path: Path, reason: str) -> ArtifactError:
+    return ArtifactError(f"router artifact {path}: {reason}", issues=(("router.artifact_path", f"{path}: {reason}"),), source=str(path))
+
+
+def save_artifact(path: Path, metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path / WEIGHTS, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    (path / METADATA).write_text(json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_artifact(path: str | Path, *, expect_fingerprint: str | None = None) -> RouterArtifact:
+    """Load and check an artifact. Raises ``ArtifactError`` naming the problem."""
+    path = Path(path)
+    if not path.is_dir():
+        raise _fail(path, "no such artifact folder")
+    try:
+        metadata = json.loads((path / METADATA).read_text())
+    except FileNotFoundError:
+        raise _fail(path, f"{METADATA} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _fail(path, f"{METADATA} is not valid JSON ({err})") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise _fail(path, f"format_version {metadata.get('format_version')!r}; this build reads {FORMAT_VERSION}")
+    for key in ("domains", "subjects", "embedder", "thresholds", "feature_dim", "mlp_hidden"):
+        if key not in metadata:
+            raise _fail(path, f"{METADATA} lacks {key!r}")
+    if expect_fingerprint is not None and metadata["embedder"].get("fingerprint") != expect_fingerprint:
+        raise _fail(
+            path,
+            f"built for embedder {metadata['embedder'].get('name')} ({metadata['embedder'].get('fingerprint')}), "
+            f"but the installed embedder is {expect_fingerprint}",
+        )
+    try:
+        with np.load(path / WEIGHTS) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise _fail(path, f"{WEIGHTS} is missing") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable weights file is the same problem
+        raise _fail(path, f"{WEIGHTS} is unreadable ({type(err).__name__}: {err})") from None
+    _check_shapes(path, metadata, arrays)
+    return RouterArtifact(path=path, metadata=metadata, arrays=arrays)
+
+
+def _check_shapes(path: Path, metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    missing = [k for k in REQUIRED_ARRAYS if k not in arrays]
+    if missing:
+        raise _fail(path, f"{WEIGHTS} lacks {missing}")
+    dim, n_dom, n_sub = int(metadata["feature_dim"]), len(metadata["domains"]), len(metadata["subjects"])
+    wide, hidden = dim + len(CHEAP_FEATURES), int(metadata["mlp_hidden"])
+    expected = {
+        "subject_W": (dim, n_sub),
+        "subject_b": (n_sub,),
+        "subject_domain": (n_sub, n_dom),
+        "subject_escalation": (n_sub,),
+        "cheap_mean": (len(CHEAP_FEATURES),),
+        "cheap_std": (len(CHEAP_FEATURES),),
+        "weak_wrong_w": (wide,),
+        "weak_wrong_b": (1,),
+        "strong_right_w": (wide,),
+        "strong_right_b": (1,),
+        "blend_stats": (6,),
+    }
+    for prefix in ("mlp_weak_wrong", "mlp_strong_right"):
+        expected.update({f"{prefix}_W1": (wide, hidden), f"{prefix}_b1": (hidden,), f"{prefix}_W2": (hidden,), f"{prefix}_b2": (1,)})
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise _fail(path, f"{name} has shape {arrays[name].shape}, expected {shape}")
+        if not np.all(np.isfinite(arrays[name])):
+            raise _fail(path, f"{name} holds NaN or infinite values")

@@ -1,0 +1,50 @@
+"""Set an artifact's escalation threshold from a sample of traffic (RouteLLM-style)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cluster.errors import InvalidRequestError
+from router_models.artifact import METADATA, load_artifact
+from router_models.data import read_jsonl
+from router_models.embedder import Embedder
+from router_models.evaluate import threshold_for_rate, threshold_for_scores_quality
+from router_models.heads import predict
+
+
+def calibrate(artifact_dir: str | Path, data: str | Path, *, target_rate: float | None = None, target_quality: float | None = None,
+              embedder: Embedder | None = None) -> float:
+    """Write the threshold that sends ``target_rate`` of this traffic to the frontier, or that
+    reaches ``target_quality`` x frontier-only quality (needs correctness labels). Returns it."""
+    if (target_rate is None) == (target_quality is None):
+        raise InvalidRequestError("give exactly one of --target-escalation-rate or --target-quality")
+    embedder = (embedder or Embedder()).load()
+    artifact = load_artifact(artifact_dir, expect_fingerprint=embedder.fingerprint)
+    examples = read_jsonl(data)
+    if not examples:
+        raise InvalidRequestError(f"{data} holds no prompts")
+    texts = [ex.prompt for ex in examples]
+    scores = predict(artifact.arrays, embedder.embed(texts), texts).escalation
+    if target_rate is not None:
+        threshold = threshold_for_rate(scores, target_rate)
+        how = f"target_escalation_rate={target_rate} on {Path(data).name} ({len(examples)} prompts)"
+    else:
+        labelled = [i for i, ex in enumerate(examples) if ex.has_correctness]
+        if len(labelled) < 10:
+            raise InvalidRequestError("--target-quality needs at least 10 lines with weak_correct and strong_correct")
+        weak = np.array([bool(examples[i].weak_correct) for i in labelled])
+        strong = np.array([bool(examples[i].strong_correct) for i in labelled])
+        found = threshold_for_scores_quality(scores[labelled], weak, strong, float(target_quality))
+        if found is None:
+            raise InvalidRequestError(f"no threshold reaches {target_quality} of frontier-only quality on this data")
+        threshold = found
+        how = f"target_quality={target_quality} on {Path(data).name} ({len(labelled)} labelled prompts)"
+    metadata = dict(artifact.metadata)
+    metadata["thresholds"] = {"escalation": threshold, "calibrated": how, "escalation_rate_on_sample": float(np.mean(scores >= threshold))}
+    # Only the metadata changes; the weights stay byte-identical.
+    import json
+
+    (Path(artifact_dir) / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return threshold

@@ -1,0 +1,80 @@
+"""Router training and evaluation data: JSON lines shaped like ``../shared/data/router``.
+
+Each line has ``prompt``; MMLU-style lines add ``subject``, ``domain``, ``weak_correct`` and
+``strong_correct``; GSM8K-style lines have ``prompt`` and ``domain`` only (their subject is
+taken to be ``gsm8k``). The validation split is a pure function of the prompt and the seed,
+so it is the same whatever the file order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from cluster.errors import InvalidRequestError
+
+GSM8K_SUBJECT = "gsm8k"
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    domain: str | None
+    subject: str | None
+    weak_correct: bool | None
+    strong_correct: bool | None
+
+    @property
+    def has_correctness(self) -> bool:
+        return self.weak_correct is not None and self.strong_correct is not None
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _example(obj: dict, where: str) -> Example:
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str):
+        raise InvalidRequestError(f"{where}: every line needs a string 'prompt'", param="prompt")
+    subject = obj.get("subject")
+    if subject is None and obj.get("domain") == "math" and "weak_correct" not in obj:
+        subject = GSM8K_SUBJECT
+    weak, strong = obj.get("weak_correct"), obj.get("strong_correct")
+    return Example(prompt, obj.get("domain"), subject, None if weak is None else bool(weak), None if strong is None else bool(strong))
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InvalidRequestError(f"{path}:{n}: not JSON ({err})") from None
+            if not isinstance(obj, dict):
+                raise InvalidRequestError(f"{path}:{n}: each line must be a JSON object")
+            out.append(_example(obj, f"{path}:{n}"))
+    return out
+
+
+def read_many(paths: Iterable[str | Path]) -> list[Example]:
+    return [ex for p in paths for ex in read_jsonl(p)]
+
+
+def is_validation(prompt: str, seed: int, share: float = 0.2) -> bool:
+    digest = hashlib.sha256(f"{seed}:{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def split(examples: Sequence[Example], seed: int, share: float = 0.2) -> tuple[list[Example], list[Example]]:
+    train, val = [], []
+    for ex in examples:
+        (val if is_validation(ex.prompt, seed, share) else train).append(ex)
+    return train, val

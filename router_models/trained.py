@@ -1,0 +1,64 @@
+"""The trained router micro-model behind the ``RouterModel`` seam."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from cluster.types import RouteScores
+from router_models.artifact import DEFAULT_ARTIFACT, RouterArtifact, load_artifact
+from router_models.embedder import Embedder
+from router_models.heads import predict
+
+log = logging.getLogger(__name__)
+
+
+class TrainedRouter:
+    """Embeds each text with all-MiniLM-L6-v2 and applies the artifact's heads.
+
+    ``load()`` reads and checks the artifact against the installed embedder and loads the
+    embedder, raising ``ArtifactError`` for a missing, corrupt or foreign artifact, so a
+    bad artifact fails the deployment at start.
+    """
+
+    name = "trained"
+
+    def __init__(self, artifact_path: str | Path | None = None, *, threshold: float | None = None, threads: int | None = None) -> None:
+        self.artifact_path = Path(artifact_path) if artifact_path else DEFAULT_ARTIFACT
+        self.threshold_override = threshold
+        self.embedder = Embedder(threads=threads)
+        self.artifact: RouterArtifact | None = None
+
+    def load(self) -> None:
+        self.artifact = load_artifact(self.artifact_path, expect_fingerprint=self.embedder.fingerprint)
+        self.embedder.max_tokens = int(self.artifact.embedder.get("max_tokens", self.embedder.max_tokens))
+        self.embedder.load()
+        self.embedder.embed(["warm up"])  # the first forward pass is slow; pay it at start
+        log.info("router: trained artifact %s (%s)", self.artifact.metadata.get("version"), self.artifact_path)
+
+    @property
+    def threshold(self) -> float:
+        assert self.artifact is not None, "load() first"
+        return self.threshold_override if self.threshold_override is not None else self.artifact.escalation_threshold
+
+    def score(self, batch: Sequence[str]) -> list[RouteScores]:
+        assert self.artifact is not None, "load() first"
+        if not batch:
+            return []
+        texts = list(batch)
+        out = predict(self.artifact.arrays, self.embedder.embed(texts), texts)
+        domains = self.artifact.domains
+        threshold = self.threshold
+        result = []
+        for probs, esc in zip(out.domain_probs, out.escalation):
+            domain_probs = {d: float(p) for d, p in zip(domains, probs)}
+            result.append(
+                RouteScores(
+                    domain=max(domain_probs, key=domain_probs.__getitem__),
+                    domain_probs=domain_probs,
+                    escalation_score=float(esc),
+                    escalation_threshold=threshold,
+                )
+            )
+        return result

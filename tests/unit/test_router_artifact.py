@@ -1,0 +1,171 @@
+"""Router heads, artifact checks, thresholds and data splits: pure numpy, no embedder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cluster.config import DOMAINS
+from cluster.errors import ArtifactError, InvalidRequestError
+from router_models.artifact import METADATA, WEIGHTS, load_artifact, save_artifact
+from router_models.data import GSM8K_SUBJECT, read_jsonl, split
+from router_models.features import CHEAP_FEATURES
+from router_models.evaluate import threshold_for_rate, threshold_for_scores_quality
+from router_models.heads import predict
+
+DIM = 8
+HIDDEN = 4
+SUBJECTS = ["algebra", "law", "misc"]
+
+
+def arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mapping = np.zeros((3, len(DOMAINS)), dtype=np.float32)
+    for i, d in enumerate(["math", "legal", "general"]):
+        mapping[i, DOMAINS.index(d)] = 1
+    wide = DIM + len(CHEAP_FEATURES)
+    out = {
+        "subject_W": rng.normal(size=(DIM, 3)).astype(np.float32),
+        "subject_b": np.zeros(3, np.float32),
+        "subject_domain": mapping,
+        "subject_escalation": np.array([0.3, 0.1, 0.05], np.float32),
+        "cheap_mean": np.zeros(len(CHEAP_FEATURES), np.float32),
+        "cheap_std": np.ones(len(CHEAP_FEATURES), np.float32),
+        "weak_wrong_w": rng.normal(size=wide).astype(np.float32),
+        "weak_wrong_b": np.zeros(1, np.float32),
+        "strong_right_w": rng.normal(size=wide).astype(np.float32),
+        "strong_right_b": np.zeros(1, np.float32),
+        "blend_stats": np.array([0.1, 0.2, 0.2, 0.05, 0.1, 0.1], np.float32),
+    }
+    for prefix in ("mlp_weak_wrong", "mlp_strong_right"):
+        out[f"{prefix}_W1"] = rng.normal(size=(wide, HIDDEN)).astype(np.float32)
+        out[f"{prefix}_b1"] = np.zeros(HIDDEN, np.float32)
+        out[f"{prefix}_W2"] = rng.normal(size=HIDDEN).astype(np.float32)
+        out[f"{prefix}_b2"] = np.zeros(1, np.float32)
+    return out
+
+
+def metadata(fingerprint: str = "abc") -> dict:
+    return {"domains": list(DOMAINS), "subjects": SUBJECTS, "feature_dim": DIM,
+            "embedder": {"name": "minilm", "fingerprint": fingerprint, "max_tokens": 256},
+            "thresholds": {"escalation": 0.5}, "mlp_hidden": HIDDEN}
+
+
+def test_heads_give_probabilities_consistent_with_subjects() -> None:
+    X = np.random.default_rng(1).normal(size=(5, DIM)).astype(np.float32)
+    out = predict(arrays(), X, ["what is 2+2?", "a\nb", "", "$5 loan", "x" * 40])
+    assert out.subject_probs.shape == (5, 3) and out.domain_probs.shape == (5, len(DOMAINS))
+    np.testing.assert_allclose(out.domain_probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(out.domain_probs[:, DOMAINS.index("math")], out.subject_probs[:, 0], atol=1e-6)
+    assert ((out.escalation > 0) & (out.escalation < 1)).all()
+
+
+def test_artifact_round_trip(tmp_path) -> None:
+    save_artifact(tmp_path / "a", metadata(), arrays())
+    art = load_artifact(tmp_path / "a", expect_fingerprint="abc")
+    assert art.subjects == SUBJECTS and art.escalation_threshold == 0.5
+    np.testing.assert_array_equal(art.arrays["subject_W"], arrays()["subject_W"])
+
+
+def _corrupt_missing_dir(p):
+    return p / "nope"
+
+
+def _corrupt_no_metadata(p):
+    (p / METADATA).unlink()
+    return p
+
+
+def _corrupt_bad_json(p):
+    (p / METADATA).write_text("{not json")
+    return p
+
+
+def _corrupt_version(p):
+    meta = json.loads((p / METADATA).read_text())
+    meta["format_version"] = 99
+    (p / METADATA).write_text(json.dumps(meta))
+    return p
+
+
+def _corrupt_weights(p):
+    (p / WEIGHTS).write_bytes(b"garbage")
+    return p
+
+
+def _corrupt_shape(p):
+    bad = arrays()
+    bad["subject_W"] = bad["subject_W"][:, :2]
+    save_artifact(p, metadata(), bad)
+    return p
+
+
+def _corrupt_nan(p):
+    bad = arrays()
+    bad["weak_wrong_w"][0] = np.nan
+    save_artifact(p, metadata(), bad)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "fragment"),
+    [
+        (_corrupt_missing_dir, "no such artifact folder"),
+        (_corrupt_no_metadata, "metadata.json is missing"),
+        (_corrupt_bad_json, "not valid JSON"),
+        (_corrupt_version, "format_version"),
+        (_corrupt_weights, "unreadable"),
+        (_corrupt_shape, "subject_W has shape"),
+        (_corrupt_nan, "NaN"),
+    ],
+)
+def test_bad_artifacts_fail_clearly(tmp_path, corrupt, fragment: str) -> None:
+    save_artifact(tmp_path / "a", metadata(), arrays())
+    with pytest.raises(ArtifactError) as info:
+        load_artifact(corrupt(tmp_path / "a"), expect_fingerprint="abc")
+    assert fragment in str(info.value)
+
+
+def test_artifact_for_another_embedder_is_refused(tmp_path) -> None:
+    save_artifact(tmp_path / "a", metadata(fingerprint="other"), arrays())
+    with pytest.raises(ArtifactError, match="built for embedder"):
+        load_artifact(tmp_path / "a", expect_fingerprint="abc")
+
+
+@pytest.mark.parametrize(("rate", "share"), [(0.0, 0.0), (0.1, 0.1), (0.25, 0.25), (0.5, 0.5), (1.0, 1.0)])
+def test_threshold_for_rate(rate: float, share: float) -> None:
+    scores = np.arange(100, dtype=float) / 100
+    t = threshold_for_rate(scores, rate)
+    assert np.mean(scores >= t) == pytest.approx(share, abs=0.011)
+
+
+def test_threshold_for_quality_is_the_cheapest_that_reaches_it() -> None:
+    # four requests; only the top-scored one gains from the frontier
+    scores = np.array([0.9, 0.5, 0.3, 0.1])
+    weak = np.array([False, True, True, False])
+    strong = np.array([True, True, True, False])
+    t = threshold_for_scores_quality(scores, weak, strong, 1.0)
+    assert t == 0.9 and np.mean(scores >= t) == 0.25
+    assert threshold_for_scores_quality(scores, weak, strong, 0.5) > 0.9  # weak alone suffices: nobody escalates
+    assert threshold_for_scores_quality(scores, weak, strong, 1.5) is None  # unreachable
+
+
+def test_data_reading_and_split(tmp_path) -> None:
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"q{i}", "subject": "law", "domain": "legal", "weak_correct": i % 2 == 0, "strong_correct": True} for i in range(200)]
+    rows.append({"prompt": "Tom has 3 apples", "domain": "math"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    examples = read_jsonl(path)
+    assert len(examples) == 201 and examples[-1].subject == GSM8K_SUBJECT and not examples[-1].has_correctness
+    train, val = split(examples, seed=0)
+    assert 20 < len(val) < 60 and len(train) + len(val) == 201
+    assert split(list(reversed(examples)), seed=0)[1] == list(reversed(val))  # order-independent
+    assert split(examples, seed=1)[1] != val
+    path.write_text('{"prompt": 3}\n')
+    with pytest.raises(InvalidRequestError):
+        read_jsonl(path)
+    path.write_text("not json\n")
+    with pytest.raises(InvalidRequestError, match=":1: not JSON"):
+        read_jsonl(path)

@@ -1,0 +1,106 @@
+"""The router pipeline end to end on a small synthetic data set, with the real embedder:
+slmctl router train -> calibrate -> score -> eval, determinism, and serving scores."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from cluster.cli.main import main
+from router_models.artifact import load_artifact
+from router_models.trained import TrainedRouter
+
+TEMPLATES = {
+    ("code", "college_computer_science"): ["Write a Python function that {}.", "Why does my JavaScript loop {}?", "Explain the time complexity of code that {}."],
+    ("legal", "professional_law"): ["Is a contract void if {}?", "Can the plaintiff sue when {}?", "Under tort law, is the defendant liable if {}?"],
+    ("medical", "clinical_knowledge"): ["A patient presents with fever and {}. What is the diagnosis?", "Which drug treats {}?"],
+    ("general", "world_religions"): ["What do historians say about {}?", "Describe the culture of {}."],
+}
+FILLERS = ["it sorts a list", "the tenant leaves early", "a rash appears", "the river floods", "two parties disagree", "the heart rate rises",
+           "a user enters bad input", "the city was founded", "the witness lies", "a bacterial infection spreads"]
+
+
+def write_data(path, n_per: int = 30, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    lines = []
+    for (domain, subject), templates in TEMPLATES.items():
+        for i in range(n_per):
+            prompt = rng.choice(templates).format(rng.choice(FILLERS)) + f" (case {i})"
+            weak = rng.random() < (0.4 if domain == "legal" else 0.8)
+            lines.append({"prompt": prompt, "subject": subject, "domain": domain, "weak_correct": weak, "strong_correct": weak or rng.random() < 0.7})
+    for i in range(n_per):
+        lines.append({"prompt": f"Sam has {i + 3} apples and buys {i * 2 + 1} more. How many apples does Sam have now?", "domain": "math"})
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("router")
+    write_data(d / "train.jsonl")
+    assert main(["router", "train", "--data", str(d / "train.jsonl"), "--out", str(d / "art"), "--seed", "3"]) == 0
+    return d
+
+
+def test_train_writes_a_small_versioned_artifact(workdir, capsys) -> None:
+    art = load_artifact(workdir / "art")
+    meta = art.metadata
+    assert meta["version"].startswith("router-") and meta["train"]["seed"] == 3
+    assert meta["data"][0]["path"] == "train.jsonl" and len(meta["data"][0]["sha256"]) == 64
+    assert meta["embedder"]["name"].endswith("all-MiniLM-L6-v2") and meta["embedder"]["fingerprint"]
+    assert "domain_accuracy" in meta["validation"] and "router" in meta["validation"]
+    assert sum(f.stat().st_size for f in (workdir / "art").iterdir()) < 2_000_000
+
+
+def test_training_is_deterministic_for_a_seed(workdir) -> None:
+    assert main(["router", "train", "--data", str(workdir / "train.jsonl"), "--out", str(workdir / "again"), "--seed", "3"]) == 0
+    a, b = load_artifact(workdir / "art"), load_artifact(workdir / "again")
+    assert a.metadata == b.metadata
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key])
+
+
+def test_calibrate_by_rate_and_by_quality(workdir, capsys) -> None:
+    assert main(["router", "calibrate", "--artifact", str(workdir / "art"), "--data", str(workdir / "train.jsonl"),
+                 "--target-escalation-rate", "0.25"]) == 0
+    meta = load_artifact(workdir / "art").metadata
+    assert abs(meta["thresholds"]["escalation_rate_on_sample"] - 0.25) < 0.03
+    assert main(["router", "calibrate", "--artifact", str(workdir / "art"), "--data", str(workdir / "train.jsonl"),
+                 "--target-quality", "0.95"]) == 0
+    assert "target_quality=0.95" in load_artifact(workdir / "art").metadata["thresholds"]["calibrated"]
+    assert main(["router", "calibrate", "--artifact", str(workdir / "nope"), "--data", str(workdir / "train.jsonl"),
+                 "--target-quality", "0.95"]) == 2
+    assert "no such artifact folder" in capsys.readouterr().err
+
+
+def test_score_keeps_order_and_reads_only_prompt(workdir) -> None:
+    inp, out = workdir / "in.jsonl", workdir / "out.jsonl"
+    prompts = ["Write a Python function that reverses a list.", "Mia has 4 pens and buys 3 more. How many pens?", "Can the tenant sue the landlord?"]
+    inp.write_text("\n".join(json.dumps({"prompt": p, "other": 1}) for p in prompts) + "\n")
+    assert main(["router", "score", "--artifact", str(workdir / "art"), "--input", str(inp), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(set(r) == {"domain", "domain_probs", "escalation_score"} for r in rows)
+    assert [r["domain"] for r in rows] == ["code", "math", "legal"]
+    assert all(abs(sum(r["domain_probs"].values()) - 1) < 1e-4 for r in rows)
+
+
+def test_eval_reports_routellm_figures_and_baselines(workdir, capsys) -> None:
+    capsys.readouterr()
+    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(workdir / "train.jsonl"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["domain_accuracy"] > 0.9 and report["gsm8k_math_share"] == 1.0
+    for key in ("router", "random", "subject_prior"):
+        assert {"apgr", "cpt50", "cpt80", "share_for_95", "cost_reduction_at_95"} <= set(report[key])
+    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(workdir / "train.jsonl")]) == 0
+    assert "cost reduction @95%" in capsys.readouterr().out
+
+
+def test_served_scores_carry_the_threshold(workdir) -> None:
+    router = TrainedRouter(workdir / "art")
+    router.load()
+    [s] = router.score(["Write a Python function that reverses a list."])
+    assert s.domain == "code" and 0 < s.escalation_score < 1
+    assert s.escalation_threshold == load_artifact(workdir / "art").escalation_threshold
+    assert TrainedRouter(workdir / "art", threshold=0.7).threshold_override == 0.7
