@@ -32,7 +32,9 @@ CONFIG = {
         {"name": "general", "role": "general",
          "versions": [{"name": "v1", "engine": {"kind": "fake", "default_completion_tokens": 16}, "resources": {"num_cpus": 0.1}, "max_ongoing_requests": 64}]},
     ],
-    "router": {"resources": {"num_cpus": 0.1}},
+    # The keyword router: this measures the plumbing; benchmarks/router_latency.py measures
+    # the trained router's own cost.
+    "router": {"kind": "heuristic", "resources": {"num_cpus": 0.1}},
     "gateway": {"resources": {"num_cpus": 0.1}},
 }
 PROMPT = "Write a Python function that reverses a list."

@@ -186,8 +186,9 @@ class ModelConfig(Strict):
 
 
 class RouterConfig(Strict):
-    kind: Literal["heuristic", "trained"] = Field("heuristic", description="heuristic keywords, or a trained artifact.")
-    artifact_path: str | None = Field(None, description="The trained router artifact folder (kind: trained).")
+    kind: Literal["heuristic", "trained"] = Field("trained", description="trained: the router micro-model; heuristic: keyword fallback.")
+    artifact_path: str | None = Field(None, description="The trained router artifact folder; the artifact shipped in the package when null.")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads for the router's embedder; torch's default when null.")
     min_domain_confidence: float = Field(0.5, ge=0, le=1, description="Below this, auto requests go to the general model.")
     escalation_threshold: float | None = Field(None, ge=0, le=1, description="Overrides the artifact's calibrated threshold.")
     request_timeout_s: float = Field(2.0, gt=0, description="Longest wait for a route; past it auto goes to the general model.")

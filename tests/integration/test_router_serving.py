@@ -1,0 +1,63 @@
+"""The trained router served by the Router deployment: routing through the gateway, and a
+bad artifact failing the deployment at start."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from cluster.loader import config_from_dict
+from tests.integration.conftest import ray_local  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.integration
+
+
+def config(name: str, router: dict) -> dict:
+    def model(n: str, role: str, domains: list[str]) -> dict:
+        return {"name": n, "role": role, "domains": domains,
+                "versions": [{"name": "v1", "engine": {"kind": "fake"}, "resources": {"num_cpus": 0.1}}]}
+
+    return {
+        "name": name,
+        "models": [model("code", "specialist", ["code"]), model("math", "specialist", ["math"]),
+                   model("legal", "specialist", ["legal"]), model("general", "general", [])],
+        "router": {"resources": {"num_cpus": 0.1}, **router},
+        "gateway": {"resources": {"num_cpus": 0.1}},
+    }
+
+
+def test_a_missing_artifact_fails_the_deployment_at_start(ray_local: dict, tmp_path) -> None:  # noqa: F811
+    from ray import serve
+
+    from deployments.app import build_from_config
+
+    bad = config_from_dict(config("badrouter", {"kind": "trained", "artifact_path": str(tmp_path / "missing")}))
+    with pytest.raises(RuntimeError, match="Deploying application badrouter failed"):
+        serve.run(build_from_config(bad), name="badrouter", route_prefix="/bad")
+    # the deployment's status names the cause (slmctl up and status print it)
+    message = serve.status().applications["badrouter"].deployments["router"].message
+    assert "no such artifact folder" in message and "missing" in message
+    serve.delete("badrouter")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "model"),
+    [
+        ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell?", "math"),
+        ("Write a Python function that implements binary search on a sorted list.", "code"),
+        ("A landowner sued a neighbor for trespass after the neighbor built a fence on the disputed strip. Will the court find the neighbor liable?", "legal"),
+    ],
+)
+def test_trained_router_routes_auto(ray_local: dict, prompt: str, model: str) -> None:  # noqa: F811
+    from ray import serve
+
+    from deployments.app import build_from_config
+
+    if "trained" not in serve.status().applications:
+        serve.run(build_from_config(config_from_dict(config("trained", {"kind": "trained"}))), name="trained", route_prefix="/t")
+    resp = httpx.post(f"{ray_local['base_url']}/t/v1/chat/completions", timeout=60,
+                      json={"model": "auto", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-slm-model"] == model and resp.headers["x-slm-route-reason"] == f"domain:{model}"
+    assert 0 < float(resp.headers["x-slm-escalation-score"]) < 1
+    assert 0 < float(resp.headers["x-slm-escalation-threshold"]) < 1
