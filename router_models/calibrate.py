@@ -7,21 +7,19 @@ from pathlib import Path
 import numpy as np
 
 from cluster.errors import InvalidRequestError
-from router_models.artifact import METADATA, load_artifact
+from router_models.artifact import METADATA
 from router_models.data import read_jsonl
-from router_models.embedder import Embedder
 from router_models.evaluate import threshold_for_rate, threshold_for_scores_quality
 from router_models.heads import predict
+from router_models.trained import load_with_embedder
 
 
-def calibrate(artifact_dir: str | Path, data: str | Path, *, target_rate: float | None = None, target_quality: float | None = None,
-              embedder: Embedder | None = None) -> float:
+def calibrate(artifact_dir: str | Path, data: str | Path, *, target_rate: float | None = None, target_quality: float | None = None) -> float:
     """Write the threshold that sends ``target_rate`` of this traffic to the frontier, or that
     reaches ``target_quality`` x frontier-only quality (needs correctness labels). Returns it."""
     if (target_rate is None) == (target_quality is None):
         raise InvalidRequestError("give exactly one of --target-escalation-rate or --target-quality")
-    embedder = (embedder or Embedder()).load()
-    artifact = load_artifact(artifact_dir, expect_fingerprint=embedder.fingerprint)
+    artifact, embedder = load_with_embedder(artifact_dir)
     examples = read_jsonl(data)
     if not examples:
         raise InvalidRequestError(f"{data} holds no prompts")

@@ -49,13 +49,11 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from router_models.artifact import load_artifact
     from router_models.data import read_jsonl
-    from router_models.embedder import Embedder
     from router_models.evaluate import evaluate_embedded
+    from router_models.trained import load_with_embedder
 
-    embedder = Embedder().load()
-    artifact = load_artifact(args.artifact, expect_fingerprint=embedder.fingerprint)
+    artifact, embedder = load_with_embedder(args.artifact)
     examples = read_jsonl(args.data)
     report = evaluate_embedded(artifact.arrays, artifact.metadata, examples, embedder.embed([ex.prompt for ex in examples]))
     report["artifact"] = {"path": str(args.artifact), "version": artifact.metadata.get("version")}

@@ -34,10 +34,10 @@ def embedder_dir(package: str = EMBEDDER_PACKAGE) -> Path:
     return folder
 
 
-def embedder_fingerprint(folder: Path) -> str:
-    """A short hash of the embedder's config and tokenizer, so an artifact trained on one
-    embedder is refused by another."""
-    digest = hashlib.sha256()
+def embedder_fingerprint(folder: Path, dtype: str) -> str:
+    """A short hash of the embedder's config, tokenizer and dtype, so an artifact trained on
+    one embedder is refused by another."""
+    digest = hashlib.sha256(dtype.encode())
     for name in ("config.json", "tokenizer.json"):
         path = folder / name
         if path.is_file():
@@ -46,13 +46,25 @@ def embedder_fingerprint(folder: Path) -> str:
 
 
 class Embedder:
-    """``embed(texts) -> float32 [n, 384]``, unit-norm rows. Thread-safe for one caller at a time."""
+    """``embed(texts) -> float32 [n, 384]``, unit-norm rows. Thread-safe for one caller at a time.
 
-    def __init__(self, *, max_tokens: int = 256, threads: int | None = None, package: str = EMBEDDER_PACKAGE) -> None:
+    ``dtype`` bfloat16 (the default) runs about 1.5x faster than float32 on this project's
+    CPUs (15 vs 22 ms for one prompt) and, unlike int8 dynamic quantization (whose
+    activation scale spans the whole batch), gives a prompt the same embedding whatever it
+    is batched with (within bf16 rounding). Heads must be trained in the dtype they serve
+    with; the fingerprint tells them apart.
+    """
+
+    def __init__(
+        self, *, max_tokens: int = 256, threads: int | None = None, dtype: str = "bfloat16", package: str = EMBEDDER_PACKAGE
+    ) -> None:
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"embedder dtype must be bfloat16 or float32, not {dtype!r}")
         self.max_tokens = max_tokens
         self.threads = threads
+        self.dtype = dtype
         self.folder = embedder_dir(package)
-        self.fingerprint = embedder_fingerprint(self.folder)
+        self.fingerprint = embedder_fingerprint(self.folder, dtype)
         self._model: Any = None
         self._tokenizer: Any = None
 
@@ -65,7 +77,8 @@ class Embedder:
         if self.threads:
             torch.set_num_threads(self.threads)
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-        self._model = AutoModel.from_pretrained(str(self.folder), local_files_only=True).eval()
+        model = AutoModel.from_pretrained(str(self.folder), local_files_only=True).eval()
+        self._model = model.to(getattr(torch, self.dtype))
         return self
 
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -74,18 +87,27 @@ class Embedder:
         self.load()
         if not texts:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        # Sorting by length keeps padding (wasted compute) low inside each batch.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        ids = self._tokenizer(list(texts), truncation=True, max_length=self.max_tokens)["input_ids"]
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                enc = self._tokenizer(
-                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-                )
+            for group in length_groups([len(x) for x in ids], batch_size):
+                enc = self._tokenizer.pad({"input_ids": [ids[i] for i in group]}, return_tensors="pt")
                 hidden = self._model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[idx] = pooled.numpy()
+                out[group] = torch.nn.functional.normalize(pooled.float(), p=2, dim=1).numpy()
         return out
+
+
+def length_groups(lengths: Sequence[int], batch_size: int, stretch: float = 1.3, slack: int = 8) -> list[list[int]]:
+    """Indices grouped by similar token length (sorted; each group's longest at most
+    ``stretch`` x its shortest + ``slack``). Padding a short prompt to a long one's length
+    costs more than the batching saves on a CPU, so unlike lengths run apart."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and lengths[i] <= lengths[groups[-1][0]] * stretch + slack:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

@@ -14,6 +14,16 @@ from router_models.heads import predict
 log = logging.getLogger(__name__)
 
 
+def load_with_embedder(path: str | Path, *, threads: int | None = None) -> tuple[RouterArtifact, Embedder]:
+    """The artifact and an embedder set up the way it was trained (dtype, max tokens),
+    checked against it by fingerprint. Raises ``ArtifactError``."""
+    artifact = load_artifact(path)
+    spec = artifact.embedder
+    embedder = Embedder(threads=threads, dtype=spec.get("dtype", "float32"), max_tokens=int(spec.get("max_tokens", 256)))
+    load_artifact(path, expect_fingerprint=embedder.fingerprint)  # refuses a foreign embedder
+    return artifact, embedder.load()
+
+
 class TrainedRouter:
     """Embeds each text with all-MiniLM-L6-v2 and applies the artifact's heads.
 
@@ -27,13 +37,12 @@ class TrainedRouter:
     def __init__(self, artifact_path: str | Path | None = None, *, threshold: float | None = None, threads: int | None = None) -> None:
         self.artifact_path = Path(artifact_path) if artifact_path else DEFAULT_ARTIFACT
         self.threshold_override = threshold
-        self.embedder = Embedder(threads=threads)
+        self.threads = threads
+        self.embedder: Embedder | None = None
         self.artifact: RouterArtifact | None = None
 
     def load(self) -> None:
-        self.artifact = load_artifact(self.artifact_path, expect_fingerprint=self.embedder.fingerprint)
-        self.embedder.max_tokens = int(self.artifact.embedder.get("max_tokens", self.embedder.max_tokens))
-        self.embedder.load()
+        self.artifact, self.embedder = load_with_embedder(self.artifact_path, threads=self.threads)
         self.embedder.embed(["warm up"])  # the first forward pass is slow; pay it at start
         log.info("router: trained artifact %s (%s)", self.artifact.metadata.get("version"), self.artifact_path)
 
@@ -43,7 +52,7 @@ class TrainedRouter:
         return self.threshold_override if self.threshold_override is not None else self.artifact.escalation_threshold
 
     def score(self, batch: Sequence[str]) -> list[RouteScores]:
-        assert self.artifact is not None, "load() first"
+        assert self.artifact is not None and self.embedder is not None, "load() first"
         if not batch:
             return []
         texts = list(batch)
