@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import random
-import time
 from pathlib import Path
 
 from benchmarks.gateway_overhead import _drive
@@ -49,6 +48,7 @@ def main() -> None:
     parser.add_argument("--artifact", help="router artifact folder (default: the shipped one)")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in the router replica (router.torch_threads)")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -61,7 +61,8 @@ def main() -> None:
     prompts = _prompts(args.data, 500, 0)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        cfg = RouterConfig(kind="trained", artifact_path=args.artifact, resources={"num_cpus": 1})
+        # Ray sets OMP_NUM_THREADS=num_cpus in actors; the embedder asks for both cores itself.
+        cfg = RouterConfig(kind="trained", artifact_path=args.artifact, resources={"num_cpus": 1}, torch_threads=args.threads)
         app = serve.deployment(Router).options(name="router", max_ongoing_requests=256).bind(cfg)
         handle = serve.run(app, name="router_bench", route_prefix=None)
         rows = asyncio.run(_measure(handle, prompts, args.requests, args.concurrency))
@@ -70,7 +71,8 @@ def main() -> None:
             serve.shutdown()
         ray.shutdown()
 
-    print(f"Router deployment, trained artifact, {len(prompts)} MMLU prompts (<=256 tokens), batch wait {cfg.batch_wait_timeout_s * 1000:g} ms")
+    print(f"Router deployment, trained artifact, {len(prompts)} MMLU prompts (<=256 tokens), "
+          f"batch wait {cfg.batch_wait_timeout_s * 1000:g} ms, torch threads {args.threads}")
     print(table(rows, ["concurrency", "requests", "p50_ms", "p99_ms", "rps"]))
     base = rows[0]["rps"]
     for r in rows[1:]:
