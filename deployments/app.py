@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, GatewayConfig, ModelVersionConfig, RouterConfig
 from cluster.errors import ConfigError
 from cluster.loader import resolve_config
 from cluster.types import deployment_name
@@ -42,10 +42,7 @@ def build_from_config(cfg: ClusterConfig) -> Application:
         models[name] = (
             serve.deployment(ModelServer)
             .options(
-                name=name,
-                ray_actor_options=version.resources.ray_actor_options(),
-                autoscaling_config=version.autoscaling.serve_options(),
-                max_ongoing_requests=version.max_ongoing_requests,
+                **_options(name, version),
                 max_queued_requests=version.max_queued_requests,
                 # Model loading can take minutes on a cold node; health checks start after.
                 health_check_period_s=10,
@@ -54,23 +51,15 @@ def build_from_config(cfg: ClusterConfig) -> Application:
             )
             .bind(model.name, version)
         )
-    router = (
-        serve.deployment(Router)
-        .options(
-            name=ROUTER_NAME,
-            ray_actor_options=cfg.router.resources.ray_actor_options(),
-            autoscaling_config=cfg.router.autoscaling.serve_options(),
-            max_ongoing_requests=cfg.router.max_ongoing_requests,
-        )
-        .bind(cfg.router)
-    )
-    return (
-        serve.deployment(Gateway)
-        .options(
-            name=GATEWAY_NAME,
-            ray_actor_options=cfg.gateway.resources.ray_actor_options(),
-            autoscaling_config=cfg.gateway.autoscaling.serve_options(),
-            max_ongoing_requests=cfg.gateway.max_ongoing_requests,
-        )
-        .bind(cfg, router, models)
-    )
+    router = serve.deployment(Router).options(**_options(ROUTER_NAME, cfg.router)).bind(cfg.router)
+    return serve.deployment(Gateway).options(**_options(GATEWAY_NAME, cfg.gateway)).bind(cfg, router, models)
+
+
+def _options(name: str, block: ModelVersionConfig | RouterConfig | GatewayConfig) -> dict[str, Any]:
+    """The Serve options every deployment takes from its config block."""
+    return {
+        "name": name,
+        "ray_actor_options": block.resources.ray_actor_options(),
+        "autoscaling_config": block.autoscaling.serve_options(),
+        "max_ongoing_requests": block.max_ongoing_requests,
+    }
