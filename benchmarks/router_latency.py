@@ -36,9 +36,13 @@ async def _measure(handle, prompts: list[str], requests: int, concurrencies: lis
     await _drive(call, 4, 40)  # warm-up
     rows = []
     for c in concurrencies:
+        before = await handle.batch_stats.remote()
         lat, wall = await _drive(call, c, requests)
+        after = await handle.batch_stats.remote()
+        calls = after["calls"] - before["calls"]
         rows.append({"concurrency": c, "requests": len(lat), "p50_ms": round(percentile(lat, 50) * 1000, 2),
-                     "p99_ms": round(percentile(lat, 99) * 1000, 2), "rps": round(len(lat) / wall, 1)})
+                     "p99_ms": round(percentile(lat, 99) * 1000, 2), "rps": round(len(lat) / wall, 1),
+                     "mean_batch": round((after["items"] - before["items"]) / max(calls, 1), 1)})
     return rows
 
 
@@ -73,7 +77,7 @@ def main() -> None:
 
     print(f"Router deployment, trained artifact, {len(prompts)} MMLU prompts (<=256 tokens), "
           f"batch wait {cfg.batch_wait_timeout_s * 1000:g} ms, torch threads {args.threads}")
-    print(table(rows, ["concurrency", "requests", "p50_ms", "p99_ms", "rps"]))
+    print(table(rows, ["concurrency", "requests", "p50_ms", "p99_ms", "rps", "mean_batch"]))
     base = rows[0]["rps"]
     for r in rows[1:]:
         print(f"throughput at concurrency {r['concurrency']}: {r['rps'] / base:.2f}x concurrency {rows[0]['concurrency']}")

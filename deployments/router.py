@@ -1,14 +1,19 @@
-"""Router deployment: batches route requests (``@serve.batch``) through a RouterModel."""
+"""Router deployment: batches route requests (``@serve.batch``) through a RouterModel.
+
+``@serve.batch`` gathers concurrent requests; ``BusyMerger`` then joins the batches that
+Serve forms while the model is busy into its next call (see ``busy_merge.py`` for why),
+so one embedder pass scores everything that queued during the previous one.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Sequence
 
 from ray import serve
 
 from cluster.config import RouterConfig
 from cluster.types import RouteScores
+from deployments.busy_merge import BusyMerger
 from router_models import create_router_model
 
 
@@ -19,14 +24,20 @@ class Router:
         # Loading (and any artifact check) happens here, so a bad artifact fails the
         # deployment at start, never at the first request.
         self.model.load()
+        self.merger: BusyMerger[str, RouteScores] = BusyMerger(self.model.score, max_items=config.max_batch_size)
         self.route_batch.set_max_batch_size(config.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)  # both reset from config in __init__
+    # max_batch_size and the wait are reset from config in __init__. Many Serve batches may
+    # wait on the merger at once (it runs one model call at a time): the concurrency cap
+    # only bounds how many are queued, and max_ongoing_requests bounds that already.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1024)
     async def route_batch(self, texts: Sequence[str]) -> list[RouteScores]:
-        # score() is synchronous CPU work; a thread keeps the replica's loop (and the
-        # batch queue) responsive while a trained model runs.
-        return await asyncio.to_thread(self.model.score, list(texts))
+        return await self.merger.run(list(texts))
+
+    def batch_stats(self) -> dict[str, int]:
+        """Model calls and the requests they scored since start (mean batch = items / calls)."""
+        return {"calls": self.merger.calls, "items": self.merger.items}
 
     async def route(self, text: str) -> RouteScores:
         return await self.route_batch(text)

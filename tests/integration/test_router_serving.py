@@ -61,3 +61,46 @@ def test_trained_router_routes_auto(ray_local: dict, prompt: str, model: str) ->
     assert resp.headers["x-slm-model"] == model and resp.headers["x-slm-route-reason"] == f"domain:{model}"
     assert 0 < float(resp.headers["x-slm-escalation-score"]) < 1
     assert 0 < float(resp.headers["x-slm-escalation-threshold"]) < 1
+
+
+def test_requests_that_queue_while_the_router_is_busy_share_one_model_call(ray_local: dict) -> None:  # noqa: F811
+    import asyncio
+    import time
+
+    from ray import serve
+
+    from cluster.config import RouterConfig
+    from deployments.busy_merge import BusyMerger
+    from deployments.router import Router
+
+    class SlowRouter(Router):
+        """The heuristic router made slow (50 ms a call), like an embedder pass on a busy CPU."""
+
+        def __init__(self, config: RouterConfig) -> None:
+            super().__init__(config)
+            score = self.model.score
+
+            def slow(texts: list[str]) -> list:
+                time.sleep(0.05)
+                return score(texts)
+
+            self.merger = BusyMerger(slow, max_items=config.max_batch_size)
+
+    cfg = RouterConfig(kind="heuristic", resources={"num_cpus": 0.1}, max_batch_size=32)
+    handle = serve.run(serve.deployment(SlowRouter).options(name="router", max_ongoing_requests=64).bind(cfg),
+                       name="slowrouter", route_prefix=None)
+    prompts = [f"Write a Python function number {i} that sorts a list." for i in range(32)]
+
+    async def client(prompt: str) -> list:  # a closed loop: the next request when the last returns
+        return [await handle.route.remote(prompt) for _ in range(4)]
+
+    async def load() -> list:
+        return await asyncio.gather(*(client(p) for p in prompts))
+
+    scores = [s for per_client in asyncio.run(load()) for s in per_client]
+    assert [s.domain for s in scores] == ["code"] * 128
+    stats = handle.batch_stats.remote().result()
+    # Serve alone forms a batch every 2 ms while a call takes 50 ms, so under steady load
+    # its batches stay small; merged, 32 clients need two or three calls per round.
+    assert stats["items"] == 128 and stats["calls"] <= 16, stats  # unmerged: about 40
+    serve.delete("slowrouter")
