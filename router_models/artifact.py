@@ -1,6 +1,7 @@
 """The trained router artifact: a folder with ``heads.npz`` (weights) and ``metadata.json``.
 
-Small (a few hundred KB: linear heads over a 384-d embedding, plus per-subject tables) and
+Small (under a megabyte: linear and MLP heads over a 384-d embedding, per-subject tables,
+and boosted trees flattened into numpy arrays, ``router_models.trees``), pickle-free and
 loadable without network. ``load_artifact`` checks everything a router needs before it
 serves, so a missing, corrupt or foreign artifact fails at start, never at a request.
 """
@@ -16,17 +17,21 @@ import numpy as np
 
 from cluster.errors import ArtifactError
 from router_models.features import CHEAP_FEATURES
+from router_models.heads import GBT_PREFIXES, SIGNALS
+from router_models.trees import tree_array_names, tree_problems
 
-FORMAT_VERSION = 1
+# 2: the boosted-tree heads, the per-subject gain table and eight blended signals.
+FORMAT_VERSION = 2
 METADATA = "metadata.json"
 WEIGHTS = "heads.npz"
 # Arrays every artifact must hold (shapes checked in _check_shapes).
 REQUIRED_ARRAYS = (
-    "subject_W", "subject_b", "subject_domain", "subject_escalation", "cheap_mean", "cheap_std",
+    "subject_W", "subject_b", "subject_domain", "subject_escalation", "subject_gain", "cheap_mean", "cheap_std",
     "weak_wrong_w", "weak_wrong_b", "strong_right_w", "strong_right_b",
     "mlp_weak_wrong_W1", "mlp_weak_wrong_b1", "mlp_weak_wrong_W2", "mlp_weak_wrong_b2",
     "mlp_strong_right_W1", "mlp_strong_right_b1", "mlp_strong_right_W2", "mlp_strong_right_b2",
     "blend_stats",
+    *(name for prefix in GBT_PREFIXES for name in tree_array_names(prefix)),
 )
 DEFAULT_ARTIFACT = Path(__file__).resolve().parent / "artifacts" / "default"
 
@@ -58,9 +63,15 @@ def _fail(path: Path, reason: str) -> ArtifactError:
     return ArtifactError(f"router artifact {path}: {reason}", issues=(("router.artifact_path", f"{path}: {reason}"),), source=str(path))
 
 
+def _stored(value: np.ndarray) -> np.ndarray:
+    """Weights as float32; integer arrays (tree node indices and features) as int32."""
+    value = np.asarray(value)
+    return value.astype(np.int32) if np.issubdtype(value.dtype, np.integer) else value.astype(np.float32)
+
+
 def save_artifact(path: Path, metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path / WEIGHTS, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    np.savez_compressed(path / WEIGHTS, **{k: _stored(v) for k, v in arrays.items()})
     (path / METADATA).write_text(json.dumps({"format_version": FORMAT_VERSION, **metadata}, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -109,13 +120,14 @@ def _check_shapes(path: Path, metadata: dict[str, Any], arrays: dict[str, np.nda
         "subject_b": (n_sub,),
         "subject_domain": (n_sub, n_dom),
         "subject_escalation": (n_sub,),
+        "subject_gain": (n_sub,),
         "cheap_mean": (len(CHEAP_FEATURES),),
         "cheap_std": (len(CHEAP_FEATURES),),
         "weak_wrong_w": (wide,),
         "weak_wrong_b": (1,),
         "strong_right_w": (wide,),
         "strong_right_b": (1,),
-        "blend_stats": (6,),
+        "blend_stats": (2 * len(SIGNALS),),
     }
     for prefix in ("mlp_weak_wrong", "mlp_strong_right"):
         expected.update({f"{prefix}_W1": (wide, hidden), f"{prefix}_b1": (hidden,), f"{prefix}_W2": (hidden,), f"{prefix}_b2": (1,)})
@@ -124,3 +136,9 @@ def _check_shapes(path: Path, metadata: dict[str, Any], arrays: dict[str, np.nda
             raise _fail(path, f"{name} has shape {arrays[name].shape}, expected {shape}")
         if not np.all(np.isfinite(arrays[name])):
             raise _fail(path, f"{name} holds NaN or infinite values")
+    if np.any(arrays["blend_stats"][len(SIGNALS):] <= 0):
+        raise _fail(path, "blend_stats has a non-positive standard deviation")
+    for prefix in GBT_PREFIXES:  # the trees see the subject probabilities and the cheap features
+        problem = tree_problems(arrays, prefix, n_sub + len(CHEAP_FEATURES))
+        if problem:
+            raise _fail(path, f"{WEIGHTS}: {problem}")

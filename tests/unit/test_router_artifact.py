@@ -11,13 +11,27 @@ from cluster.config import DOMAINS
 from cluster.errors import ArtifactError, InvalidRequestError
 from router_models.artifact import METADATA, WEIGHTS, load_artifact, save_artifact
 from router_models.data import GSM8K_SUBJECT, read_jsonl, split
-from router_models.features import CHEAP_FEATURES
 from router_models.evaluate import threshold_for_rate, threshold_for_scores_quality
-from router_models.heads import predict
+from router_models.features import CHEAP_FEATURES, with_features
+from router_models.heads import GBT_PREFIXES, SIGNALS, escalation_signals, predict, sigmoid, softmax
 
 DIM = 8
 HIDDEN = 4
 SUBJECTS = ["algebra", "law", "misc"]
+
+
+def stump(prefix: str, feature: int, value: float) -> dict[str, np.ndarray]:
+    """One boosted tree: the root splits ``feature`` at 0.5 into two leaves."""
+    return {
+        f"{prefix}_feature": np.array([feature, 0, 0], np.int32),
+        f"{prefix}_threshold": np.array([0.5, 0, 0], np.float32),
+        f"{prefix}_missing_left": np.array([1, 0, 0], np.int32),
+        f"{prefix}_left": np.array([1, 1, 2], np.int32),
+        f"{prefix}_right": np.array([2, 1, 2], np.int32),
+        f"{prefix}_value": np.array([0, -value, value], np.float32),
+        f"{prefix}_roots": np.array([0], np.int32),
+        f"{prefix}_baseline": np.array([-0.5], np.float32),
+    }
 
 
 def arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -31,14 +45,17 @@ def arrays(seed: int = 0) -> dict[str, np.ndarray]:
         "subject_b": np.zeros(3, np.float32),
         "subject_domain": mapping,
         "subject_escalation": np.array([0.3, 0.1, 0.05], np.float32),
+        "subject_gain": np.array([0.2, 0.0, -0.05], np.float32),
         "cheap_mean": np.zeros(len(CHEAP_FEATURES), np.float32),
         "cheap_std": np.ones(len(CHEAP_FEATURES), np.float32),
         "weak_wrong_w": rng.normal(size=wide).astype(np.float32),
         "weak_wrong_b": np.zeros(1, np.float32),
         "strong_right_w": rng.normal(size=wide).astype(np.float32),
         "strong_right_b": np.zeros(1, np.float32),
-        "blend_stats": np.array([0.1, 0.2, 0.2, 0.05, 0.1, 0.1], np.float32),
+        "blend_stats": np.concatenate([np.full(len(SIGNALS), 0.1), np.full(len(SIGNALS), 0.2)]).astype(np.float32),
     }
+    out.update(stump(GBT_PREFIXES[0], 0, 0.4))  # splits on the first subject probability
+    out.update(stump(GBT_PREFIXES[1], 3, 0.8))  # splits on the first cheap feature
     for prefix in ("mlp_weak_wrong", "mlp_strong_right"):
         out[f"{prefix}_W1"] = rng.normal(size=(wide, HIDDEN)).astype(np.float32)
         out[f"{prefix}_b1"] = np.zeros(HIDDEN, np.float32)
@@ -62,11 +79,26 @@ def test_heads_give_probabilities_consistent_with_subjects() -> None:
     assert ((out.escalation > 0) & (out.escalation < 1)).all()
 
 
+def test_tree_signals_read_the_subject_probabilities_and_cheap_features() -> None:
+    a = arrays()
+    X = np.random.default_rng(2).normal(size=(6, DIM)).astype(np.float32)
+    texts = ["2+2", "long " * 50, "", "a\nb\nc", "$3", "law"]
+    probs = softmax(X @ a["subject_W"] + a["subject_b"])
+    XF = with_features(X, texts, a["cheap_mean"], a["cheap_std"])
+    signals = escalation_signals(a, XF, probs)
+    assert signals.shape == (6, len(SIGNALS))
+    weak_wrong = sigmoid(-0.5 + np.where(probs[:, 0] <= 0.5, -0.4, 0.4))
+    strong_right = sigmoid(-0.5 + np.where(XF[:, DIM] <= 0.5, -0.8, 0.8))
+    np.testing.assert_allclose(signals[:, SIGNALS.index("gbt_pair")], weak_wrong * strong_right, rtol=1e-5)
+    np.testing.assert_allclose(signals[:, SIGNALS.index("gbt_gain")], strong_right - (1 - weak_wrong), rtol=1e-5, atol=1e-6)
+
+
 def test_artifact_round_trip(tmp_path) -> None:
     save_artifact(tmp_path / "a", metadata(), arrays())
     art = load_artifact(tmp_path / "a", expect_fingerprint="abc")
     assert art.subjects == SUBJECTS and art.escalation_threshold == 0.5
     np.testing.assert_array_equal(art.arrays["subject_W"], arrays()["subject_W"])
+    assert art.arrays[f"{GBT_PREFIXES[0]}_left"].dtype == np.int32  # tree indices stay integers
 
 
 def _corrupt_missing_dir(p):
@@ -109,6 +141,30 @@ def _corrupt_nan(p):
     return p
 
 
+def _corrupt_tree(**change):
+    def corrupt(p):
+        bad = arrays()
+        bad.update({f"{GBT_PREFIXES[0]}_{k}": v for k, v in change.items()})
+        save_artifact(p, metadata(), bad)
+        return p
+
+    return corrupt
+
+
+def _corrupt_missing_tree_array(p):
+    bad = arrays()
+    del bad[f"{GBT_PREFIXES[1]}_roots"]
+    save_artifact(p, metadata(), bad)
+    return p
+
+
+def _corrupt_old_blend(p):
+    bad = arrays()
+    bad["blend_stats"] = bad["blend_stats"][:6]
+    save_artifact(p, metadata(), bad)
+    return p
+
+
 @pytest.mark.parametrize(
     ("corrupt", "fragment"),
     [
@@ -119,6 +175,13 @@ def _corrupt_nan(p):
         (_corrupt_weights, "unreadable"),
         (_corrupt_shape, "subject_W has shape"),
         (_corrupt_nan, "NaN"),
+        (_corrupt_old_blend, "blend_stats has shape"),
+        (_corrupt_missing_tree_array, "gbt_strong_right_roots"),
+        (_corrupt_tree(right=np.array([0, 1, 2], np.int32)), "gbt_weak_wrong_right must point after its node"),
+        (_corrupt_tree(feature=np.array([8, 0, 0], np.int32)), "gbt_weak_wrong_feature is outside [0, 8)"),
+        (_corrupt_tree(left=np.array([1.0, 1.0, 2.0])), "gbt_weak_wrong_left must hold integers"),
+        (_corrupt_tree(value=np.array([0.0, 1.0], np.float32)), "of one length"),
+        (_corrupt_tree(threshold=np.array([np.inf, 0, 0], np.float32)), "gbt_weak_wrong_threshold holds NaN or infinite"),
     ],
 )
 def test_bad_artifacts_fail_clearly(tmp_path, corrupt, fragment: str) -> None:
