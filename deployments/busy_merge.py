@@ -12,6 +12,7 @@ follows the load: one request alone runs at once, a crowd runs as one matrix mul
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -36,8 +37,9 @@ class BusyMerger(Generic[T, R]):
         self.max_items = max_items
         self._pending: deque[tuple[list[T], asyncio.Future]] = deque()
         self._worker: asyncio.Task | None = None
-        self.calls = 0  # model calls made, and the items they carried: for stats and tests
+        self.calls = 0  # model calls made, the items they carried and the seconds they took
         self.items = 0
+        self.busy_s = 0.0
 
     async def run(self, items: Sequence[T]) -> list[R]:
         if not items:
@@ -72,15 +74,18 @@ class BusyMerger(Generic[T, R]):
             flat = [item for items, _ in taken for item in items]
             self.calls += 1
             self.items += len(flat)
+            started = time.perf_counter()
             try:
                 results = list(await asyncio.to_thread(self._fn, flat))
                 if len(results) != len(flat):
                     raise RuntimeError(f"batch function returned {len(results)} results for {len(flat)} items")
             except Exception as exc:  # noqa: BLE001 - delivered to the callers it concerns
+                self.busy_s += time.perf_counter() - started
                 for _, future in taken:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self.busy_s += time.perf_counter() - started
             start = 0
             for items, future in taken:
                 if not future.done():

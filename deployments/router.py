@@ -35,9 +35,9 @@ class Router:
     async def route_batch(self, texts: Sequence[str]) -> list[RouteScores]:
         return await self.merger.run(list(texts))
 
-    def batch_stats(self) -> dict[str, int]:
-        """Model calls and the requests they scored since start (mean batch = items / calls)."""
-        return {"calls": self.merger.calls, "items": self.merger.items}
+    def batch_stats(self) -> dict[str, float]:
+        """Model calls, the requests they scored and the seconds they took, since start."""
+        return {"calls": self.merger.calls, "items": self.merger.items, "busy_s": self.merger.busy_s}
 
     async def route(self, text: str) -> RouteScores:
         return await self.route_batch(text)
