@@ -26,16 +26,18 @@ class GatedModel:
         return [f"scored:{x}" for x in items]
 
 
-async def _wait_started(model: GatedModel) -> None:
+async def _busy(max_items: int, first: list[str]) -> tuple[GatedModel, BusyMerger, asyncio.Task]:
+    """A merger whose model is stuck in its first call (on ``first``) until released."""
+    model = GatedModel()
+    merger = BusyMerger(model, max_items=max_items)
+    task = asyncio.create_task(merger.run(first))
     assert await asyncio.to_thread(model.started.wait, 10)
+    return model, merger, task
 
 
 def test_batches_queued_during_a_call_are_merged_into_the_next_one() -> None:
     async def scenario() -> None:
-        model = GatedModel()
-        merger = BusyMerger(model, max_items=32)
-        first = asyncio.create_task(merger.run(["a"]))
-        await _wait_started(model)
+        model, merger, first = await _busy(32, ["a"])
         queued = [asyncio.create_task(merger.run([f"b{i}", f"c{i}"])) for i in range(5)]
         await asyncio.sleep(0.01)
         model.release.set()
@@ -50,10 +52,7 @@ def test_batches_queued_during_a_call_are_merged_into_the_next_one() -> None:
 
 def test_max_items_caps_a_call_without_splitting_a_batch() -> None:
     async def scenario() -> None:
-        model = GatedModel()
-        merger = BusyMerger(model, max_items=4)
-        first = asyncio.create_task(merger.run(["x"]))
-        await _wait_started(model)
+        model, merger, first = await _busy(4, ["x"])
         queued = [asyncio.create_task(merger.run(batch)) for batch in (["a", "b", "c"], ["d", "e"], ["f"], ["g", "h", "i", "j", "k"])]
         await asyncio.sleep(0.01)
         model.release.set()
@@ -91,10 +90,7 @@ def test_a_wrong_result_count_is_an_error_not_a_misaligned_answer() -> None:
 
 def test_a_cancelled_waiter_is_skipped_and_the_others_still_get_answers() -> None:
     async def scenario() -> None:
-        model = GatedModel()
-        merger = BusyMerger(model, max_items=32)
-        first = asyncio.create_task(merger.run(["a"]))
-        await _wait_started(model)
+        model, merger, first = await _busy(32, ["a"])
         gone = asyncio.create_task(merger.run(["gone"]))
         kept = asyncio.create_task(merger.run(["kept"]))
         await asyncio.sleep(0.01)
