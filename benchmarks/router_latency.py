@@ -72,7 +72,9 @@ def _offline(artifact: str | None, prompts: list[str], threads: int, batch: int)
     for i in range(0, n, batch):
         model.score(prompts[i : i + batch])
     batched = (time.perf_counter() - t0) / n
-    return {"single_ms": round(single * 1000, 2), "batched_ms_per_prompt": round(batched * 1000, 2), "batch": batch}
+    tokens = [len(ids) for ids in model.embedder.token_ids(prompts)]  # as the router sees them (<= 256)
+    return {"single_ms": round(single * 1000, 2), "batched_ms_per_prompt": round(batched * 1000, 2), "batch": batch,
+            "tokens_mean": round(sum(tokens) / len(tokens)), "tokens_max": max(tokens)}
 
 
 def main() -> None:
@@ -97,9 +99,6 @@ def main() -> None:
     from deployments.router import Router
 
     prompts = _prompts(args.data, 500, 0)
-    from router_models.embedder import Embedder
-
-    tokens = [len(ids) for ids in Embedder().token_ids(prompts)]  # as the router sees them (<= 256)
     offline = _offline(args.artifact, prompts, args.threads, max(args.concurrency))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -114,7 +113,7 @@ def main() -> None:
         ray.shutdown()
 
     print(f"Router deployment, trained artifact, {len(prompts)} prompts from {args.data.name} "
-          f"({sum(tokens) / len(tokens):.0f} tokens mean, {max(tokens)} max after truncation), "
+          f"({offline['tokens_mean']} tokens mean, {offline['tokens_max']} max after truncation), "
           f"batch wait {cfg.batch_wait_timeout_s * 1000:g} ms, torch threads {args.threads}, "
           + ("RAY_SERVE_THROUGHPUT_OPTIMIZED=1" if args.throughput_optimized else "default Serve settings"))
     print(table(rows, ["concurrency", "requests", "p50_ms", "p99_ms", "rps", "mean_batch", "model_ms"]))

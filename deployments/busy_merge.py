@@ -72,22 +72,27 @@ class BusyMerger(Generic[T, R]):
             if not taken:
                 continue
             flat = [item for items, _ in taken for item in items]
-            self.calls += 1
-            self.items += len(flat)
-            started = time.perf_counter()
             try:
-                results = list(await asyncio.to_thread(self._fn, flat))
-                if len(results) != len(flat):
-                    raise RuntimeError(f"batch function returned {len(results)} results for {len(flat)} items")
+                results = await self._call(flat)
             except Exception as exc:  # noqa: BLE001 - delivered to the callers it concerns
-                self.busy_s += time.perf_counter() - started
                 for _, future in taken:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            self.busy_s += time.perf_counter() - started
             start = 0
             for items, future in taken:
                 if not future.done():
                     future.set_result(results[start : start + len(items)])
                 start += len(items)
+
+    async def _call(self, flat: list[T]) -> list[R]:
+        self.calls += 1
+        self.items += len(flat)
+        started = time.perf_counter()
+        try:
+            results = list(await asyncio.to_thread(self._fn, flat))
+        finally:
+            self.busy_s += time.perf_counter() - started
+        if len(results) != len(flat):
+            raise RuntimeError(f"batch function returned {len(results)} results for {len(flat)} items")
+        return results
