@@ -208,17 +208,19 @@ def random_report(
 ) -> RouterReport:
     """Random routing, its quality curve averaged over seeds before the metrics are taken.
 
-    Random scores are distinct almost surely, so every seed yields the same share grid and the
-    average is pointwise; it tends to the analytic qw + f (qs - qw), i.e. APGR 0.5 and CPT(x) = x.
+    The seeds' share grids can differ by a request: ``np.quantile`` interpolates each cutoff,
+    and where its position in the sorted scores is a whole number up to rounding (it is for
+    some sizes, e.g. 10 thresholds over 13,000 requests), the rounded cutoff lands just
+    above or just below that score depending on the draw. So each seed's curve, which is
+    piecewise linear in the share, is read on the first seed's grid with ``np.interp``
+    before averaging. It tends to the analytic qw + f (qs - qw): APGR 0.5, CPT(x) = x.
     """
     weak, strong = _as_labels(weak_correct, strong_correct)
     curves = [cost_quality_curve(random_scores(len(weak), seed), weak, strong, num_thresholds) for seed in seeds]
     if not curves:
         raise ValueError("seeds must not be empty")
     shares = curves[0][0]
-    if any(not np.array_equal(s, shares) for s, _ in curves):  # only tied random draws could do this
-        raise ValueError("random curves landed on different share grids; cannot average them pointwise")
-    quality = np.mean([q for _, q in curves], axis=0)
+    quality = np.mean([np.interp(shares, s, q) for s, q in curves], axis=0)
     return report_from_curve((shares, quality), num_thresholds, n=len(weak))
 
 

@@ -92,6 +92,20 @@ def test_random_router_apgr_is_about_one_half(num_thresholds: int | None) -> Non
     assert report.cpt50 == pytest.approx(0.5, abs=0.05)  # analytic: CPT(x) = x
 
 
+@pytest.mark.parametrize("n", [1001, 2001, 13001])
+def test_random_router_averages_seeds_whose_share_grids_differ(n: int) -> None:
+    # With (n - 1) * 0.1 a whole number, np.quantile's rounded cutoffs land on either side
+    # of a score depending on the draw, so seeds' grids differ by a request (this crashed
+    # `slmctl router eval` on the whole mmlu_train.jsonl).
+    rng = np.random.default_rng(12345)  # not a seed random_report draws its scores from
+    weak, strong = rng.random(n) < 0.6, rng.random(n) < 0.8
+    grids = {cost_quality_curve(random_scores(n, seed), weak, strong)[0].tobytes() for seed in range(10)}
+    assert len(grids) > 1
+    report = random_report(weak, strong)
+    assert report.apgr == pytest.approx(0.5, abs=0.03)
+    assert report.shares[0] == 0.0 and report.shares[-1] == 1.0
+
+
 def test_random_scores_are_seeded_uniform() -> None:
     a, b = random_scores(500, seed=3), random_scores(500, seed=3)
     assert np.array_equal(a, b) and a.shape == (500,) and 0 <= a.min() and a.max() < 1
