@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from cluster.config import GatewayConfig
 from cluster.errors import ContextLengthExceededError, InvalidRequestError
 from cluster.openai_schema import ChatCompletionRequest
-from cluster.types import ChatMessage, GenerationRequest, SamplingParams
+from cluster.types import ChatMessage, GenerationRequest, RouteQuery, SamplingParams
 
 
 def to_generation_request(req: ChatCompletionRequest, gw: GatewayConfig, request_id: str) -> GenerationRequest:
@@ -49,3 +51,23 @@ def last_user_text(request: GenerationRequest) -> str:
         if msg.role == "user":
             return msg.content
     return ""
+
+
+# Earlier user turns the router sees, and how much of each: enough to carry a follow-up's
+# topic ("now make it async"); the router's window (256 tokens) is the real bound.
+ROUTE_CONTEXT_TURNS = 2
+ROUTE_CONTEXT_CHARS = 2000
+
+
+def route_query(request: GenerationRequest) -> RouteQuery:
+    return route_query_of(request.messages)
+
+
+def route_query_of(messages: Sequence[ChatMessage]) -> RouteQuery:
+    """The last user turn with up to ``ROUTE_CONTEXT_TURNS`` earlier user turns as context
+    (most recent first, each cut to ``ROUTE_CONTEXT_CHARS``)."""
+    users = [m.content for m in messages if m.role == "user" and m.content.strip()]
+    if not users:
+        return RouteQuery("")
+    context = tuple(text[:ROUTE_CONTEXT_CHARS] for text in reversed(users[:-1]))[:ROUTE_CONTEXT_TURNS]
+    return RouteQuery(users[-1], context)

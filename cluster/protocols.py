@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Callable, Protocol, Sequence, runtime_checkable
 
-from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest, RouteScores
+from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest, RouteQuery, RouteScores
 
 
 @runtime_checkable
@@ -38,13 +38,16 @@ class Engine(Protocol):
 
 @runtime_checkable
 class RouterModel(Protocol):
-    """Decides the domain of a request and how much it needs the frontier model."""
+    """Decides the domain of a request and how much it needs the frontier model.
+
+    ``score`` takes a batch of conversations (``RouteQuery``) or plain prompts (a string is
+    a one-turn conversation) and returns one ``RouteScores`` each, in order."""
 
     name: str
 
     def load(self) -> None: ...
 
-    def score(self, batch: Sequence[str]) -> list[RouteScores]: ...
+    def score(self, batch: Sequence[str | RouteQuery]) -> list[RouteScores]: ...
 
 
 class TrafficStore(Protocol):

@@ -77,6 +77,21 @@ class EngineCapabilities:
 
 
 @dataclass(frozen=True)
+class RouteQuery:
+    """What the router reads of a conversation: the request (the last user turn) and the
+    earlier user turns as context, most recent first. Assistant turns are left out: they
+    are the models' own long answers, and the user's turns carry the intent."""
+
+    request: str
+    context: tuple[str, ...] = ()
+
+
+def as_query(item: "str | RouteQuery") -> RouteQuery:
+    """A plain string is a one-turn conversation."""
+    return item if isinstance(item, RouteQuery) else RouteQuery(item)
+
+
+@dataclass(frozen=True)
 class RouteScores:
     """What a RouterModel says about one request."""
 

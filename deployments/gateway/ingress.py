@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.chat import last_user_text, to_generation_request
+from cluster.chat import route_query, to_generation_request
 from cluster.config import ClusterConfig
 from cluster.errors import (
     AuthenticationError,
@@ -130,7 +130,7 @@ class Gateway:
             return resolve_explicit(self.config, requested)
         timeout = self.config.router.request_timeout_s
         try:
-            scores = await asyncio.wait_for(_await(self.router.route.remote(last_user_text(gen))), timeout)
+            scores = await asyncio.wait_for(_await(self.router.route.remote(route_query(gen))), timeout)
         except Exception as exc:  # noqa: BLE001 - the router is an optimisation, not a dependency
             log.warning("gateway: router failed (%s); sending auto to the general model", type(exc).__name__)
             general = self.config.general

@@ -3,10 +3,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from cluster.chat import last_user_text, to_generation_request
+from cluster.chat import ROUTE_CONTEXT_CHARS, ROUTE_CONTEXT_TURNS, last_user_text, route_query_of, to_generation_request
 from cluster.config import GatewayConfig
 from cluster.errors import ContextLengthExceededError, InvalidRequestError
 from cluster.openai_schema import ChatCompletionRequest, chunk_body, completion_body
+from cluster.types import ChatMessage, RouteQuery
 
 GW = GatewayConfig(max_tokens_cap=100, default_max_tokens=10, max_prompt_chars=50, max_messages=3)
 
@@ -63,3 +64,20 @@ def test_bodies_follow_openai_shapes() -> None:
     assert body["choices"][0]["logprobs"]["content"][0]["logprob"] == -0.1
     usage_only = chunk_body(completion_id="c", created=1, model="m", delta={}, usage={"total_tokens": 2}, with_choice=False)
     assert usage_only["choices"] == [] and usage_only["usage"] == {"total_tokens": 2}
+
+
+def _msgs(*pairs: tuple[str, str]) -> list[ChatMessage]:
+    return [ChatMessage(role=r, content=c) for r, c in pairs]
+
+
+@pytest.mark.parametrize(("messages", "request_text", "context"), [
+    (_msgs(("user", "fix my loop")), "fix my loop", ()),
+    (_msgs(("system", "s"), ("user", "write a SQL query"), ("assistant", "SELECT 1"), ("user", "now sort it")),
+     "now sort it", ("write a SQL query",)),
+    # most recent first, at most ROUTE_CONTEXT_TURNS, blank turns skipped, each cut
+    (_msgs(("user", "a"), ("user", "b"), ("user", "  "), ("user", "c" * 5000), ("user", "d")), "d", ("c" * ROUTE_CONTEXT_CHARS, "b")),
+    (_msgs(("assistant", "hello")), "", ()),
+])
+def test_route_query_is_the_last_user_turn_with_earlier_ones_as_context(messages, request_text, context) -> None:
+    assert ROUTE_CONTEXT_TURNS == 2
+    assert route_query_of(messages) == RouteQuery(request_text, context)

@@ -68,3 +68,26 @@ def test_sequences_outside_the_position_table_are_refused() -> None:
     with pytest.raises(ValueError, match="1..512 tokens"):
         model.embed([[101] * 513])
     assert model.embed([]).shape == (0, 384)
+
+
+@pytest.mark.parametrize(("request_ids", "context", "head", "ctx_max", "expected"), [
+    (list(range(10, 14)), [], None, 0, [1, 10, 11, 12, 13, 2]),  # fits
+    (list(range(10, 20)), [], None, 0, [1, 10, 11, 12, 13, 14, 15, 2]),  # start only, as plain truncation
+    (list(range(10, 20)), [], 2, 0, [1, 10, 11, 16, 17, 18, 19, 2]),  # head 2, the rest from the end
+    (list(range(10, 20)), [], 0, 0, [1, 14, 15, 16, 17, 18, 19, 2]),  # end only
+    (list(range(10, 13)), [90, 91, 92, 93], None, 1, [1, 10, 11, 12, 2, 90, 2]),  # context capped at ctx_max
+    (list(range(10, 13)), [90, 91, 92, 93], None, 64, [1, 10, 11, 12, 2, 90, 91, 2]),  # context fills what the request leaves
+    (list(range(10, 20)), [90], None, 64, [1, 10, 11, 12, 13, 14, 15, 2]),  # a long request leaves no room for context
+])
+def test_window_keeps_the_request_first(request_ids, context, head, ctx_max, expected) -> None:
+    from router_models.embedder import window_ids
+
+    assert window_ids(request_ids, context, 1, 2, 8, head, ctx_max) == expected
+
+
+def test_head_only_window_matches_plain_truncation() -> None:
+    """Artifacts trained before windows existed keep exactly their token ids."""
+    e = Embedder().load()
+    long = PROMPTS[2]
+    plain = e._tokenizer.encode(long).ids  # no truncation: cut by hand as the old tokenizer did
+    assert e.token_ids([long])[0] == plain[:255] + [plain[-1]]
