@@ -21,7 +21,12 @@ from router_models.heads import GBT_PREFIXES, SIGNALS
 from router_models.trees import tree_array_names, tree_problems
 
 # 2: the boosted-tree heads, the per-subject gain table and eight blended signals.
-FORMAT_VERSION = 2
+# 3: the embedder's tuned top layers (``tuned_{k}_{field}``, float16) and chat subjects.
+FORMAT_VERSION = 3
+# The fields of one tuned encoder layer (router_models.packed_bert._Layer); their shapes
+# are checked against the installed checkpoint when the layers are swapped in.
+TUNED_PREFIX = "tuned"
+TUNED_FIELDS = ("qkv_w", "qkv_b", "out_w", "out_b", "ln1_w", "ln1_b", "up_w", "up_b", "down_w", "down_b", "ln2_w", "ln2_b")
 METADATA = "metadata.json"
 WEIGHTS = "heads.npz"
 # Arrays every artifact must hold (shapes checked in _check_shapes).
@@ -64,9 +69,13 @@ def _fail(path: Path, reason: str) -> ArtifactError:
 
 
 def _stored(value: np.ndarray) -> np.ndarray:
-    """Weights as float32; integer arrays (tree node indices and features) as int32."""
+    """Weights as float32, tuned encoder layers as the float16 they were exported in (half
+    the size; they serve in bfloat16, which float16 holds exactly enough); integer arrays
+    (tree node indices and features) as int32."""
     value = np.asarray(value)
-    return value.astype(np.int32) if np.issubdtype(value.dtype, np.integer) else value.astype(np.float32)
+    if np.issubdtype(value.dtype, np.integer):
+        return value.astype(np.int32)
+    return value if value.dtype == np.float16 else value.astype(np.float32)
 
 
 def save_artifact(path: Path, metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
@@ -134,6 +143,13 @@ def _check_shapes(path: Path, metadata: dict[str, Any], arrays: dict[str, np.nda
     for name, shape in expected.items():
         if arrays[name].shape != shape:
             raise _fail(path, f"{name} has shape {arrays[name].shape}, expected {shape}")
+        if not np.all(np.isfinite(arrays[name])):
+            raise _fail(path, f"{name} holds NaN or infinite values")
+    tuned = [k for k in arrays if k.startswith(f"{TUNED_PREFIX}_")]
+    layers = int(metadata["embedder"].get("tuned_layers", 0))
+    if len(tuned) != layers * len(TUNED_FIELDS) or any(f"{TUNED_PREFIX}_{k}_{f}" not in arrays for k in range(layers) for f in TUNED_FIELDS):
+        raise _fail(path, f"{WEIGHTS} holds {len(tuned)} tuned-layer arrays; metadata says {layers} tuned layers of {len(TUNED_FIELDS)}")
+    for name in tuned:
         if not np.all(np.isfinite(arrays[name])):
             raise _fail(path, f"{name} holds NaN or infinite values")
     if np.any(arrays["blend_stats"][len(SIGNALS):] <= 0):

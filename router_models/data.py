@@ -2,8 +2,9 @@
 
 Each line has ``prompt``; MMLU-style lines add ``subject``, ``domain``, ``weak_correct`` and
 ``strong_correct``; GSM8K-style lines have ``prompt`` and ``domain`` only (their subject is
-taken to be ``gsm8k``). The validation split is a pure function of the prompt and the seed,
-so it is the same whatever the file order.
+taken to be ``gsm8k``); chat lines (``router_models/chat_labels.py``) have ``domain``,
+``subject`` ``chat:<domain>`` and ``sample``. The validation split is a pure function of
+the prompt and the seed, so it is the same whatever the file order.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from cluster.errors import InvalidRequestError
 
 GSM8K_SUBJECT = "gsm8k"
+CHAT_SUBJECT_PREFIX = "chat:"  # chat rows' subjects: chat:code, chat:general, ...
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,16 @@ class Example:
     subject: str | None
     weak_correct: bool | None
     strong_correct: bool | None
+    # Chat rows: which labelling round picked the prompt (provenance only; see chat_labels).
+    sample: str | None = None
 
     @property
     def has_correctness(self) -> bool:
         return self.weak_correct is not None and self.strong_correct is not None
+
+
+def is_chat(ex: Example) -> bool:
+    return bool(ex.subject and ex.subject.startswith(CHAT_SUBJECT_PREFIX))
 
 
 def file_sha256(path: Path) -> str:
@@ -44,12 +52,15 @@ def _example(obj: dict, where: str) -> Example:
     if subject is None and obj.get("domain") == "math" and "weak_correct" not in obj:
         subject = GSM8K_SUBJECT
     weak, strong = obj.get("weak_correct"), obj.get("strong_correct")
-    return Example(prompt, obj.get("domain"), subject, None if weak is None else bool(weak), None if strong is None else bool(strong))
+    sample = obj.get("sample")
+    return Example(prompt, obj.get("domain"), subject, None if weak is None else bool(weak), None if strong is None else bool(strong),
+                   sample if isinstance(sample, str) else None)
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
+def json_lines(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(``file:line`` for messages, parsed value) for each non-blank line; a line that is not
+    JSON raises ``InvalidRequestError`` naming it."""
     path = Path(path)
-    out = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -58,9 +69,15 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise InvalidRequestError(f"{path}:{n}: not JSON ({err})") from None
-            if not isinstance(obj, dict):
-                raise InvalidRequestError(f"{path}:{n}: each line must be a JSON object")
-            out.append(_example(obj, f"{path}:{n}"))
+            yield f"{path}:{n}", obj
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    out = []
+    for where, obj in json_lines(path):
+        if not isinstance(obj, dict):
+            raise InvalidRequestError(f"{where}: each line must be a JSON object")
+        out.append(_example(obj, where))
     return out
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from cluster.config import DOMAINS
 from cluster.errors import InvalidRequestError
-from router_models.data import Example
+from router_models.data import Example, is_chat
 from router_models.features import cheap_features, with_features
 from router_models.heads import GBT_PREFIXES
 from router_models.trees import export_hgb
@@ -36,8 +36,26 @@ class TrainSettings:
     gbt_learning_rate: float = 0.05
     gbt_leaves: int = 15
     gbt_l2: float = 1.0
+    # Router window (router_models.embedder.window_ids): tokens kept from a long request's
+    # start (None: its start only; the rest comes from its end) and the most tokens of
+    # earlier user turns. Measured in docs/router.md (benchmarks/router_window.py): 64 + the
+    # end routed long chat prompts best (0.888 against 0.880 for the start alone), and 128
+    # context tokens lifted follow-up turns from 0.806 to 0.880.
+    head_tokens: int | None = 64
+    context_tokens: int = 128
+    # Weight of a chat row in the subject head, against 1 for an MMLU or GSM8K row.
+    chat_weight: float = 1.0
+    # The embedder's top layers tuned for the subjects (router_models.tuning); 0: frozen.
+    # Chat rows weigh tune_chat_weight in that tuning: they are the hard, scarce part.
+    tune_layers: int = 3
+    tune_epochs: int = 2
+    tune_layer_lr: float = 5e-5
+    tune_chat_weight: float = 2.0
     folds: int = 5  # cross-fitting: out-of-fold inputs for the trees and the blend statistics
-    target_quality: float = 0.95  # default threshold: reach this share of frontier-only quality
+    target_quality: float = 0.95  # exam threshold: reach this share of frontier-only quality
+    # With chat rows in training, the default threshold escalates this share of them
+    # (train.choose_thresholds); None keeps the exam threshold.
+    chat_escalation_rate: float | None = 0.2
 
 
 def _logreg(C: float, seed: int) -> Any:
@@ -123,7 +141,9 @@ def fit_base(train: Sequence[Example], X: np.ndarray, settings: TrainSettings) -
     if len(subjects) < 2:
         raise InvalidRequestError("training needs examples of at least two subjects")
     has_subject = np.array([ex.subject is not None for ex in train])
-    subject_model = _logreg(settings.subject_C, settings.seed).fit(X[has_subject], [ex.subject for ex in train if ex.subject])
+    weights = np.array([settings.chat_weight if is_chat(ex) else 1.0 for ex in train if ex.subject])
+    subject_model = _logreg(settings.subject_C, settings.seed).fit(X[has_subject], [ex.subject for ex in train if ex.subject],
+                                                                   sample_weight=weights)
     assert list(subject_model.classes_) == subjects
     if len(subjects) == 2:  # sklearn returns one row for two classes
         coef = np.vstack([-subject_model.coef_[0], subject_model.coef_[0]]) / 2

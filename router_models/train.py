@@ -19,12 +19,12 @@ import numpy as np
 from cluster.config import DOMAINS
 from cluster.errors import InvalidRequestError
 from router_models.artifact import RouterArtifact, load_artifact, save_artifact
-from router_models.data import Example, file_sha256, read_many, split
+from router_models.data import Example, file_sha256, is_chat, read_many, split
 from router_models.embedder import EMBEDDER_NAME, EMBEDDING_DIM, Embedder
-from router_models.evaluate import evaluate_embedded, threshold_for_quality
+from router_models.evaluate import evaluate_embedded, threshold_for_quality, threshold_for_rate
 from router_models.features import with_features
 from router_models.fitting import TrainSettings, fit_base, fit_trees, labelled_outcomes
-from router_models.heads import GBT_PREFIXES, SIGNALS, base_signals, gbt_signals, softmax, tree_inputs
+from router_models.heads import GBT_PREFIXES, SIGNALS, base_signals, gbt_signals, predict, softmax, tree_inputs
 from router_models.trees import average_ensembles
 
 log = logging.getLogger(__name__)
@@ -95,15 +95,50 @@ def subsample(examples: list[Example], max_rows: int | None, seed: int) -> list[
     return keyed[:max_rows]
 
 
+def choose_thresholds(arrays: dict[str, np.ndarray], train_set: Sequence[Example], X_train: np.ndarray, val_set: Sequence[Example],
+                      X_val: np.ndarray, settings: TrainSettings) -> dict[str, Any]:
+    """The default escalation threshold, and how it was chosen.
+
+    Exams (correctness labels): the cheapest threshold reaching ``target_quality`` of
+    frontier-only quality on the validation split. Chat prompts have no correctness labels,
+    and the heads learnt "needs the frontier" on MMLU only: on chat prompts their scores
+    run higher, and the exam threshold would escalate about three chat prompts in four
+    (docs/router.md). With chat rows in training, the default is therefore the threshold
+    that escalates ``chat_escalation_rate`` of the chat training prompts (RouteLLM's
+    calibration on a sample of traffic); the exam threshold is kept beside it. Operators
+    recalibrate on their own traffic with ``slmctl router calibrate``.
+    """
+    exam = threshold_for_quality(arrays, val_set, X_val, settings.target_quality)
+    out: dict[str, Any] = {"escalation": 0.5 if exam is None else exam,
+                           "calibrated": "default" if exam is None else f"target_quality={settings.target_quality} on the validation split"}
+    if exam is not None:
+        out["exam_quality_threshold"] = exam
+    chat = np.array([is_chat(ex) for ex in train_set])
+    if settings.chat_escalation_rate is not None and chat.sum() >= 10:
+        texts = [ex.prompt for ex, c in zip(train_set, chat) if c]
+        scores = predict(arrays, X_train[chat], texts).escalation
+        out["escalation"] = threshold_for_rate(scores, settings.chat_escalation_rate)
+        out["calibrated"] = f"target_escalation_rate={settings.chat_escalation_rate} on the chat training prompts ({int(chat.sum())})"
+    return out
+
+
 def train(paths: Sequence[str | Path], out: str | Path, settings: TrainSettings = TrainSettings(), embedder: Embedder | None = None) -> RouterArtifact:
     paths = [Path(p) for p in paths]
     examples = subsample(read_many(paths), settings.max_rows, settings.seed)
     train_set, val_set = split(examples, settings.seed, settings.validation_share)
-    embedder = (embedder or Embedder()).load()
+    embedder = (embedder or Embedder(head_tokens=settings.head_tokens, context_tokens=settings.context_tokens)).load()
+    tuned: dict[str, np.ndarray] = {}
+    if settings.tune_layers:
+        from router_models.tuning import TuneSettings, tune_embedder
+
+        log.info("router train: tuning the embedder's top %d layers on %d prompts", settings.tune_layers, len(train_set))
+        tune = TuneSettings(layers=settings.tune_layers, epochs=settings.tune_epochs, layer_lr=settings.tune_layer_lr, seed=settings.seed)
+        tuned = tune_embedder(embedder, train_set, tune, settings.tune_chat_weight)
     log.info("router train: embedding %d train and %d validation prompts", len(train_set), len(val_set))
     X_train = embedder.embed([ex.prompt for ex in train_set])
     X_val = embedder.embed([ex.prompt for ex in val_set])
     subjects, arrays = fit_heads(train_set, X_train, settings)
+    arrays.update(tuned)
 
     metadata: dict[str, Any] = {
         "domains": list(DOMAINS),
@@ -111,21 +146,21 @@ def train(paths: Sequence[str | Path], out: str | Path, settings: TrainSettings 
         "feature_dim": EMBEDDING_DIM,
         "mlp_hidden": settings.mlp_hidden,
         "embedder": {"name": EMBEDDER_NAME, "fingerprint": embedder.fingerprint, "max_tokens": embedder.max_tokens,
-                     "dtype": embedder.dtype},
+                     "head_tokens": embedder.head_tokens, "context_tokens": embedder.context_tokens, "dtype": embedder.dtype,
+                     "tuned_layers": settings.tune_layers if tuned else 0},
         "data": [{"path": p.name, "sha256": file_sha256(p)} for p in paths],
         "train": {"seed": settings.seed, "rows": len(train_set), "validation_rows": len(val_set),
                   "validation_share": settings.validation_share, "max_rows": settings.max_rows,
                   "subject_C": settings.subject_C, "binary_C": settings.binary_C,
                   "mlp_hidden": settings.mlp_hidden, "mlp_alpha": settings.mlp_alpha,
                   "gbt_iterations": settings.gbt_iterations, "gbt_learning_rate": settings.gbt_learning_rate,
-                  "gbt_leaves": settings.gbt_leaves, "gbt_l2": settings.gbt_l2, "folds": settings.folds},
-        "thresholds": {"escalation": 0.5, "calibrated": "default"},
+                  "gbt_leaves": settings.gbt_leaves, "gbt_l2": settings.gbt_l2, "folds": settings.folds,
+                  "chat_weight": settings.chat_weight, "tune_layers": settings.tune_layers, "tune_epochs": settings.tune_epochs,
+                  "tune_layer_lr": settings.tune_layer_lr, "tune_chat_weight": settings.tune_chat_weight,
+                  "chat_escalation_rate": settings.chat_escalation_rate, "target_quality": settings.target_quality},
     }
-    report = evaluate_embedded(arrays, metadata, val_set, X_val)
-    metadata["validation"] = report
-    threshold = threshold_for_quality(arrays, val_set, X_val, settings.target_quality)
-    if threshold is not None:
-        metadata["thresholds"] = {"escalation": threshold, "calibrated": f"target_quality={settings.target_quality} on the validation split"}
+    metadata["thresholds"] = choose_thresholds(arrays, train_set, X_train, val_set, X_val, settings)
+    metadata["validation"] = evaluate_embedded(arrays, metadata, val_set, X_val)
     weights_digest = hashlib.sha256(b"".join(np.ascontiguousarray(arrays[k]).tobytes() for k in sorted(arrays))).hexdigest()[:12]
     metadata["version"] = f"router-{weights_digest}"
     save_artifact(Path(out), metadata, arrays)

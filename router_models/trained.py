@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from cluster.types import RouteScores
-from router_models.artifact import DEFAULT_ARTIFACT, RouterArtifact, load_artifact
+from cluster.types import RouteQuery, RouteScores, as_query
+from cluster.errors import ArtifactError
+from router_models.artifact import DEFAULT_ARTIFACT, TUNED_PREFIX, RouterArtifact, load_artifact
 from router_models.embedder import Embedder
 from router_models.heads import predict
 
@@ -19,9 +20,17 @@ def load_with_embedder(path: str | Path, *, threads: int | None = None) -> tuple
     checked against it by fingerprint. Raises ``ArtifactError``."""
     artifact = load_artifact(path)
     spec = artifact.embedder
-    embedder = Embedder(threads=threads, dtype=spec.get("dtype", "float32"), max_tokens=int(spec.get("max_tokens", 256)))
+    head = spec.get("head_tokens")
+    embedder = Embedder(threads=threads, dtype=spec.get("dtype", "float32"), max_tokens=int(spec.get("max_tokens", 256)),
+                        head_tokens=None if head is None else int(head), context_tokens=int(spec.get("context_tokens", 0)))
     load_artifact(path, expect_fingerprint=embedder.fingerprint)  # refuses a foreign embedder
-    return artifact, embedder.load()
+    embedder.load()
+    if int(spec.get("tuned_layers", 0)):
+        try:
+            embedder.use_tuned_layers(artifact.arrays, TUNED_PREFIX)
+        except ValueError as err:
+            raise ArtifactError(f"router artifact {path}: {err}", issues=(("router.artifact_path", f"{path}: {err}"),), source=str(path)) from None
+    return artifact, embedder
 
 
 class TrainedRouter:
@@ -51,12 +60,13 @@ class TrainedRouter:
         assert self.artifact is not None, "load() first"
         return self.threshold_override if self.threshold_override is not None else self.artifact.escalation_threshold
 
-    def score(self, batch: Sequence[str]) -> list[RouteScores]:
+    def score(self, batch: Sequence[str | RouteQuery]) -> list[RouteScores]:
         assert self.artifact is not None and self.embedder is not None, "load() first"
         if not batch:
             return []
-        texts = list(batch)
-        out = predict(self.artifact.arrays, self.embedder.embed(texts), texts)
+        queries = [as_query(item) for item in batch]
+        # The cheap text features describe the request itself; the context only joins the embedding.
+        out = predict(self.artifact.arrays, self.embedder.embed(queries), [q.request for q in queries])
         domains = self.artifact.domains
         threshold = self.threshold
         result = []

@@ -9,7 +9,7 @@ import pytest
 
 from cluster.config import DOMAINS
 from cluster.errors import ArtifactError, InvalidRequestError
-from router_models.artifact import METADATA, WEIGHTS, load_artifact, save_artifact
+from router_models.artifact import METADATA, TUNED_FIELDS, TUNED_PREFIX, WEIGHTS, load_artifact, save_artifact
 from router_models.data import GSM8K_SUBJECT, read_jsonl, split
 from router_models.evaluate import threshold_for_rate, threshold_for_scores_quality
 from router_models.features import CHEAP_FEATURES, with_features
@@ -158,6 +158,24 @@ def _corrupt_missing_tree_array(p):
     return p
 
 
+def _tuned_layer(value: float = 0.5) -> dict[str, np.ndarray]:
+    return {f"{TUNED_PREFIX}_0_{name}": np.full((2, 2), value, np.float16) for name in TUNED_FIELDS}
+
+
+def _corrupt_tuned_count(p):
+    meta = metadata()
+    meta["embedder"]["tuned_layers"] = 2  # only one layer stored
+    save_artifact(p, meta, {**arrays(), **_tuned_layer()})
+    return p
+
+
+def _corrupt_tuned_nan(p):
+    meta = metadata()
+    meta["embedder"]["tuned_layers"] = 1
+    save_artifact(p, meta, {**arrays(), **_tuned_layer(np.nan)})
+    return p
+
+
 def _corrupt_old_blend(p):
     bad = arrays()
     bad["blend_stats"] = bad["blend_stats"][:6]
@@ -177,6 +195,8 @@ def _corrupt_old_blend(p):
         (_corrupt_nan, "NaN"),
         (_corrupt_old_blend, "blend_stats has shape"),
         (_corrupt_missing_tree_array, "gbt_strong_right_roots"),
+        (_corrupt_tuned_count, "metadata says 2 tuned layers"),
+        (_corrupt_tuned_nan, "tuned_0_qkv_w holds NaN"),
         (_corrupt_tree(right=np.array([0, 1, 2], np.int32)), "gbt_weak_wrong_right must point after its node"),
         (_corrupt_tree(feature=np.array([8, 0, 0], np.int32)), "gbt_weak_wrong_feature is outside [0, 8)"),
         (_corrupt_tree(left=np.array([1.0, 1.0, 2.0])), "gbt_weak_wrong_left must hold integers"),
@@ -189,6 +209,14 @@ def test_bad_artifacts_fail_clearly(tmp_path, corrupt, fragment: str) -> None:
     with pytest.raises(ArtifactError) as info:
         load_artifact(corrupt(tmp_path / "a"), expect_fingerprint="abc")
     assert fragment in str(info.value)
+
+
+def test_tuned_layers_are_stored_as_float16_and_checked(tmp_path) -> None:
+    meta = metadata()
+    meta["embedder"]["tuned_layers"] = 1
+    save_artifact(tmp_path / "a", meta, {**arrays(), **_tuned_layer()})
+    loaded = load_artifact(tmp_path / "a", expect_fingerprint="abc")
+    assert loaded.arrays["tuned_0_up_w"].dtype == np.float16 and loaded.arrays["subject_W"].dtype == np.float32
 
 
 def test_artifact_for_another_embedder_is_refused(tmp_path) -> None:
