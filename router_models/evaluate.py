@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from router_models.data import GSM8K_SUBJECT, Example
+from router_models.data import GSM8K_SUBJECT, Example, is_chat
 from router_models.heads import predict
 from router_models.metrics import domain_accuracy, random_report, router_report
 
@@ -27,21 +27,81 @@ def prior_scores(arrays: dict[str, np.ndarray], subjects: list[str], examples: S
     return np.array([rates[index[ex.subject]] if ex.subject in index else fallback for ex in examples], dtype=np.float64)
 
 
-def evaluate_embedded(arrays: dict[str, np.ndarray], metadata: dict[str, Any], examples: Sequence[Example], X: np.ndarray) -> dict[str, Any]:
-    """Domain accuracy (where labelled), math share on GSM8K-style prompts, and RouteLLM's
-    cost-quality figures for this router, a random router and the per-subject prior."""
+NO_CORRECTNESS = "no weak_correct/strong_correct labels in this data, so no cost-quality curve (APGR, CPT) can be drawn"
+
+
+def per_domain(predicted: Sequence[str], gold: Sequence[str], domains: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
+    """Precision and recall of each domain (None where nothing was predicted or labelled)."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for d in domains:
+        tp = sum(p == d and g == d for p, g in zip(predicted, gold))
+        n_pred, n_gold = sum(p == d for p in predicted), sum(g == d for g in gold)
+        out[d] = {"precision": tp / n_pred if n_pred else None, "recall": tp / n_gold if n_gold else None, "support": n_gold}
+    return out
+
+
+def routed_domains(probs: np.ndarray, domains: Sequence[str], min_confidence: float) -> list[str]:
+    """The domain the gateway acts on: the top domain when its probability clears
+    ``min_confidence`` (router.min_domain_confidence), else general, as ``decide_auto`` does."""
+    top = probs.argmax(axis=1)
+    return [domains[i] if probs[n, i] >= min_confidence else "general" for n, i in enumerate(top)]
+
+
+def escalation_summary(scores: np.ndarray, thresholds: dict[str, Any]) -> dict[str, float | int]:
+    """The escalation score's distribution, and the share the threshold (and the exam
+    threshold, when the artifact keeps one) sends to the frontier."""
+    q = np.quantile(scores, [0.1, 0.25, 0.5, 0.75, 0.9]) if len(scores) else [float("nan")] * 5
+    threshold = float(thresholds["escalation"])
+    out = {"rows": int(len(scores)), "p10": float(q[0]), "p25": float(q[1]), "p50": float(q[2]), "p75": float(q[3]),
+           "p90": float(q[4]), "threshold": threshold, "share_escalated": float(np.mean(scores >= threshold)) if len(scores) else 0.0}
+    if "exam_quality_threshold" in thresholds:
+        exam = float(thresholds["exam_quality_threshold"])
+        out.update(exam_threshold=exam, share_escalated_at_exam_threshold=float(np.mean(scores >= exam)) if len(scores) else 0.0)
+    return out
+
+
+def _chat_section(examples: Sequence[Example], predicted: list[str], routed: list[str], escalation: np.ndarray,
+                  domains: Sequence[str], thresholds: dict[str, Any]) -> dict[str, Any]:
+    rows = [i for i, ex in enumerate(examples) if is_chat(ex)]
+    gold = [examples[i].domain or "" for i in rows]
+    return {
+        "rows": len(rows),
+        "domain_accuracy": domain_accuracy([predicted[i] for i in rows], gold),
+        "routed_accuracy": domain_accuracy([routed[i] for i in rows], gold),
+        "per_domain": per_domain([predicted[i] for i in rows], gold, domains),
+        "routed_per_domain": per_domain([routed[i] for i in rows], gold, domains),
+        "escalation": escalation_summary(escalation[rows], thresholds),
+    }
+
+
+def evaluate_embedded(arrays: dict[str, np.ndarray], metadata: dict[str, Any], examples: Sequence[Example], X: np.ndarray,
+                      min_confidence: float = 0.5) -> dict[str, Any]:
+    """Domain accuracy (where labelled), math share on GSM8K-style prompts, chat figures
+    (accuracy, per-domain precision and recall, before and after ``min_confidence``, and the
+    escalation score's distribution) and RouteLLM's cost-quality figures for this router, a
+    random router and the per-subject prior where correctness labels exist."""
     out = predict(arrays, X, [ex.prompt for ex in examples])
     domains = metadata["domains"]
     predicted = [domains[i] for i in out.domain_probs.argmax(axis=1)]
-    report: dict[str, Any] = {"rows": len(examples)}
+    routed = routed_domains(out.domain_probs, domains, min_confidence)
+    report: dict[str, Any] = {"rows": len(examples), "min_domain_confidence": min_confidence}
     with_domain = [i for i, ex in enumerate(examples) if ex.domain]
     if with_domain:
         report["domain_accuracy"] = domain_accuracy([predicted[i] for i in with_domain], [examples[i].domain for i in with_domain])
         report["domain_rows"] = len(with_domain)
+    exam_rows = [i for i in with_domain if not is_chat(examples[i])]
+    if exam_rows:  # MMLU + GSM8K: the figure exam-only artifacts were measured by
+        report["exam_domain_accuracy"] = domain_accuracy([predicted[i] for i in exam_rows], [examples[i].domain for i in exam_rows])
+    exams = [i for i, ex in enumerate(examples) if ex.has_correctness and ex.domain]
+    if exams:
+        report["mmlu_domain_accuracy"] = domain_accuracy([predicted[i] for i in exams], [examples[i].domain for i in exams])
+        report["mmlu_rows"] = len(exams)
     gsm = [i for i, ex in enumerate(examples) if ex.subject == GSM8K_SUBJECT]
     if gsm:
         report["gsm8k_math_share"] = float(np.mean([predicted[i] == "math" for i in gsm]))
         report["gsm8k_rows"] = len(gsm)
+    if any(is_chat(ex) for ex in examples):
+        report["chat"] = _chat_section(examples, predicted, routed, out.escalation, domains, metadata["thresholds"])
     mask, weak, strong = _labels(examples)
     if mask.sum() >= 10 and weak.mean() != strong.mean():
         labelled = [ex for ex, m in zip(examples, mask) if m]
@@ -51,6 +111,11 @@ def evaluate_embedded(arrays: dict[str, np.ndarray], metadata: dict[str, Any], e
         for key in ("router", "random", "subject_prior"):
             report[key].pop("shares", None)
             report[key].pop("qualities", None)
+        up = out.escalation[mask] >= float(metadata["thresholds"]["escalation"])
+        report["router"]["at_threshold"] = {"frontier_share": float(up.mean()),
+                                            "quality_vs_frontier": float(np.where(up, strong, weak).mean() / strong.mean())}
+    else:
+        report["cost_quality"] = NO_CORRECTNESS if mask.sum() < 10 else "every labelled prompt has the same outcome on both models"
     return report
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cluster.cli.main import main
+from cluster.types import RouteQuery
 from router_models.artifact import load_artifact
 from router_models.trained import TrainedRouter
 
@@ -51,7 +52,9 @@ def test_train_writes_a_small_versioned_artifact(workdir, capsys) -> None:
     assert meta["data"][0]["path"] == "train.jsonl" and len(meta["data"][0]["sha256"]) == 64
     assert meta["embedder"]["name"].endswith("all-MiniLM-L6-v2") and meta["embedder"]["fingerprint"]
     assert "domain_accuracy" in meta["validation"] and "router" in meta["validation"]
-    assert sum(f.stat().st_size for f in (workdir / "art").iterdir()) < 2_000_000
+    # the heads are small; the tuned encoder layers (float16) are most of it
+    assert meta["embedder"]["tuned_layers"] == 3 and sum(k.startswith("tuned_") for k in art.arrays) == 36
+    assert sum(f.stat().st_size for f in (workdir / "art").iterdir()) < 12_000_000
 
 
 def test_training_is_deterministic_for_a_seed(workdir) -> None:
@@ -81,20 +84,80 @@ def test_score_keeps_order_and_reads_only_prompt(workdir) -> None:
     inp.write_text("\n".join(json.dumps({"prompt": p, "other": 1}) for p in prompts) + "\n")
     assert main(["router", "score", "--artifact", str(workdir / "art"), "--input", str(inp), "--output", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 and all(set(r) == {"domain", "domain_probs", "escalation_score"} for r in rows)
+    assert len(rows) == 3 and all(set(r) == {"domain", "domain_probs", "escalation_score", "route"} for r in rows)
     assert [r["domain"] for r in rows] == ["code", "math", "legal"]
     assert all(abs(sum(r["domain_probs"].values()) - 1) < 1e-4 for r in rows)
+    # The local profile has code and math specialists (min_domain_confidence 0.5), no legal one.
+    for r in rows:
+        confident = r["domain_probs"][r["domain"]] >= 0.5
+        expected = r["domain"] if r["domain"] in ("code", "math") and confident else "general"
+        assert r["route"]["model"] == expected
+    assert rows[0]["route"] == {**rows[0]["route"], "model": "code", "reason": "domain:code"}
+    assert rows[2]["route"]["reason"] == "general:no-specialist-for-legal"
+    assert all(r["route"]["escalates"] == (r["escalation_score"] >= load_artifact(workdir / "art").escalation_threshold) for r in rows)
+
+
+def test_score_reads_openai_messages_with_earlier_turns_as_context(workdir) -> None:
+    inp, out = workdir / "msgs.jsonl", workdir / "msgs_out.jsonl"
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Write a Python function that reverses a list."},
+             {"role": "assistant", "content": "def rev(xs): return xs[::-1]"}, {"role": "user", "content": [{"type": "text", "text": "and again (case 3)"}]}]
+    inp.write_text(json.dumps({"messages": convo}) + "\n" + json.dumps({"messages": convo[3:]}) + "\n")
+    assert main(["router", "score", "--artifact", str(workdir / "art"), "--input", str(inp), "--output", str(out)]) == 0
+    with_context, alone = [json.loads(line) for line in out.read_text().splitlines()]
+    router = TrainedRouter(workdir / "art")
+    router.load()
+    expected = router.score([RouteQuery("and again (case 3)", ("Write a Python function that reverses a list.",))])[0]
+    assert with_context["domain_probs"] == pytest.approx(expected.domain_probs, abs=1e-6)
+    assert with_context["domain_probs"] != pytest.approx(alone["domain_probs"], abs=1e-3)
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"text": "no prompt"}, "needs a string 'prompt' or a 'messages' list"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "'messages' is not a list of chat messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "no non-empty user message"),
+])
+def test_score_refuses_bad_lines_with_their_line_number(workdir, capsys, line, message) -> None:
+    inp = workdir / "bad.jsonl"
+    inp.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(line) + "\n")
+    assert main(["router", "score", "--artifact", str(workdir / "art"), "--input", str(inp), "--output", str(workdir / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and message in err
 
 
 def test_eval_reports_routellm_figures_and_baselines(workdir, capsys) -> None:
+    other = workdir / "other.jsonl"
+    write_data(other, seed=9)  # not the training file
     capsys.readouterr()
-    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(workdir / "train.jsonl"), "--json"]) == 0
+    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(other), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 150 and "note" not in report
     assert report["domain_accuracy"] > 0.9 and report["gsm8k_math_share"] == 1.0
     for key in ("router", "random", "subject_prior"):
         assert {"apgr", "cpt50", "cpt80", "share_for_95", "cost_reduction_at_95"} <= set(report[key])
-    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(workdir / "train.jsonl")]) == 0
+    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(other)]) == 0
     assert "cost reduction @95%" in capsys.readouterr().out
+
+
+def test_eval_on_a_training_file_measures_only_its_validation_split(workdir, capsys) -> None:
+    meta = load_artifact(workdir / "art").metadata["train"]
+    capsys.readouterr()
+    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(workdir / "train.jsonl"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["rows"] == meta["validation_rows"] < 150
+    assert "evaluating only its validation split" in captured.err
+    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(workdir / "train.jsonl"), "--all-rows", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["rows"] == 150 and "WARNING" in captured.err
+
+
+def test_eval_says_why_word_problems_have_no_cost_quality_figures(workdir, capsys) -> None:
+    gsm = workdir / "gsm.jsonl"
+    gsm.write_text("".join(json.dumps({"prompt": f"Tom has {i} pens and buys {i + 2} more. How many pens?", "domain": "math"}) + "\n"
+                           for i in range(20)))
+    capsys.readouterr()
+    assert main(["router", "eval", "--artifact", str(workdir / "art"), "--data", str(gsm)]) == 0
+    out = capsys.readouterr().out
+    assert "GSM8K-style -> math" in out and "APGR, CPT, cost reduction: n/a (no weak_correct/strong_correct labels" in out
 
 
 def test_served_scores_carry_the_threshold(workdir) -> None:
