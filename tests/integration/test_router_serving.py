@@ -40,23 +40,36 @@ def test_a_missing_artifact_fails_the_deployment_at_start(ray_local: dict, tmp_p
     serve.delete("badrouter")
 
 
+FOLLOW_UP = [{"role": "user", "content": "Write a Python function that parses a CSV file into a list of dicts."},
+             {"role": "assistant", "content": "def parse(path): ..."},
+             {"role": "user", "content": "now make it faster please"}]
+
+
 @pytest.mark.parametrize(
-    ("prompt", "model"),
+    ("messages", "model"),
     [
         ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did she sell?", "math"),
         ("Write a Python function that implements binary search on a sorted list.", "code"),
         ("A landowner sued a neighbor for trespass after the neighbor built a fence on the disputed strip. Will the court find the neighbor liable?", "legal"),
+        # chat prompts the exam-trained router sent to math or general
+        ("fix this python bug: my loop never ends", "code"),
+        ("write a SQL query to get the top 5 customers by total order value", "code"),
+        ("Is it legal for my employer to read my emails?", "legal"),
+        # a follow-up routed by the conversation it belongs to
+        (FOLLOW_UP, "code"),
     ],
 )
-def test_trained_router_routes_auto(ray_local: dict, prompt: str, model: str) -> None:  # noqa: F811
+def test_trained_router_routes_auto(ray_local: dict, messages: str | list, model: str) -> None:  # noqa: F811
     from ray import serve
 
     from deployments.app import build_from_config
 
     if "trained" not in serve.status().applications:
         serve.run(build_from_config(config_from_dict(config("trained", {"kind": "trained"}))), name="trained", route_prefix="/t")
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
     resp = httpx.post(f"{ray_local['base_url']}/t/v1/chat/completions", timeout=60,
-                      json={"model": "auto", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4})
+                      json={"model": "auto", "messages": messages, "max_tokens": 4})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-slm-model"] == model and resp.headers["x-slm-route-reason"] == f"domain:{model}"
     assert 0 < float(resp.headers["x-slm-escalation-score"]) < 1
