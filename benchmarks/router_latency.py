@@ -26,7 +26,9 @@ from benchmarks.stats import percentile, table
 
 
 def _prompts(path: Path, n: int, seed: int) -> list[str]:
-    rows = [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    from router_models.data import read_jsonl
+
+    rows = [ex.prompt for ex in read_jsonl(path)]
     return random.Random(seed).sample(rows, min(n, len(rows)))
 
 

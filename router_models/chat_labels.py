@@ -56,6 +56,14 @@ def write_sheets(rows: Sequence[dict], out_dir: Path, batches: int) -> None:
                 f.write(f"=== id={r['id']} ===\n{sheet_text(r['prompt'])}\n\n")
 
 
+def dump_line(obj: dict) -> str:
+    """One JSON line, UTF-8 kept readable, with the characters that ``str.splitlines`` also
+    breaks on (U+0085, U+2028, U+2029; ShareGPT prompts hold some) escaped, so that every
+    line reader sees one object a line."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return text.replace("\u0085", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n"
+
+
 def read_labels(paths: Iterable[Path]) -> dict[str, str]:
     """id -> domain from label files of ``{"id", "domain"}`` lines; refuses unknown domains."""
     labels: dict[str, str] = {}
@@ -104,7 +112,7 @@ def _sample(args: argparse.Namespace) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with (args.out_dir / "sample.jsonl").open("w", encoding="utf-8") as f:
         for r in chosen:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.write(dump_line(r))
     write_sheets(chosen, args.out_dir / "sheets", args.batches)
     print(f"{len(chosen)} prompts to label ({len(done)} already labelled); sheets in {args.out_dir / 'sheets'}")
     return 0
@@ -121,8 +129,7 @@ def _merge(args: argparse.Namespace) -> int:
     with CHAT_LABELS.open("w", encoding="utf-8") as f:
         for r in sample:
             d = labels[r["id"]]
-            f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "domain": d, "subject": chat_subject(d), "sample": r["sample"]},
-                               ensure_ascii=False) + "\n")
+            f.write(dump_line({"id": r["id"], "prompt": r["prompt"], "domain": d, "subject": chat_subject(d), "sample": r["sample"]}))
     counts = Counter(labels[r["id"]] for r in sample)
     print(f"wrote {len(sample)} rows to {CHAT_LABELS}: {dict(sorted(counts.items()))}")
     return 0

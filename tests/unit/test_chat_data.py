@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from cluster.config import DOMAINS
-from router_models.chat_labels import CHAT_LABELS, cohen_kappa, main as chat_labels_main, read_labels, sheet_text
+from router_models.chat_labels import CHAT_LABELS, cohen_kappa, dump_line, main as chat_labels_main, read_labels, sheet_text
 from router_models.data import read_jsonl, split
 from router_models.sharegpt import is_reserved, iter_conversations, training_conversations
 
@@ -52,6 +52,12 @@ def test_reader_stops_quietly_at_the_cut_and_keeps_only_usable_conversations(tmp
     assert [t.role for t in usable[0].turns] == ["user", "assistant", "user"]
 
 
+def test_dumped_lines_survive_every_line_splitter() -> None:
+    obj = {"prompt": "a\u2028b\u2029c\x85d\ne \u00e9"}
+    line = dump_line(obj)
+    assert line.endswith("\n") and len(line.splitlines()) == 1 and json.loads(line) == obj and "\u00e9" in line
+
+
 def test_kappa_and_agreement() -> None:
     assert cohen_kappa(["a", "b", "a", "b"], ["a", "b", "a", "b"]) == (1.0, 1.0)
     observed, kappa = cohen_kappa(["a", "a", "b", "b"], ["a", "b", "a", "b"])
@@ -74,7 +80,8 @@ def test_sheet_shows_head_and_tail_of_long_prompts() -> None:
 
 
 def test_shipped_chat_labels_are_complete_and_never_reserved() -> None:
-    rows = [json.loads(line) for line in CHAT_LABELS.read_text(encoding="utf-8").split("\n") if line]
+    # str.splitlines also breaks at U+2028 and friends, which the file escapes
+    rows = [json.loads(line) for line in CHAT_LABELS.read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= 2000 and len({r["id"] for r in rows}) == len(rows)
     assert not [r["id"] for r in rows if is_reserved(r["id"])]
     assert all(r["domain"] in DOMAINS and r["subject"] == f"chat:{r['domain']}" and r["prompt"].strip() for r in rows)
