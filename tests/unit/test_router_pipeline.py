@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cluster.cli.main import main
+from cluster.config import DOMAINS
 from cluster.types import RouteQuery
 from router_models.artifact import load_artifact
 from router_models.trained import TrainedRouter
@@ -167,3 +168,35 @@ def test_served_scores_carry_the_threshold(workdir) -> None:
     assert s.domain == "code" and 0 < s.escalation_score < 1
     assert s.escalation_threshold == load_artifact(workdir / "art").escalation_threshold
     assert TrainedRouter(workdir / "art", threshold=0.7).threshold_override == 0.7
+
+
+CHAT = {"code": ["how do I fix a {} error in my react app", "write a bash script that {}", "my python loop {} forever, why?"],
+        "general": ["write a friendly email about {}", "give me ideas for a birthday party where {}", "summarise this story: {}"]}
+
+
+def write_chat(path, n_per: int = 40, seed: int = 5) -> None:
+    rng = random.Random(seed)
+    lines = [{"id": f"{d}{i}", "prompt": rng.choice(t).format(rng.choice(FILLERS)) + f" #{i}", "domain": d, "subject": f"chat:{d}",
+              "sample": "round2"} for d, t in CHAT.items() for i in range(n_per)]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_training_with_chat_rows_sets_a_chat_threshold_and_reports_chat(workdir, capsys) -> None:
+    write_chat(workdir / "chat.jsonl")
+    out = workdir / "chat_art"
+    assert main(["router", "train", "--data", str(workdir / "train.jsonl"), str(workdir / "chat.jsonl"), "--out", str(out),
+                 "--seed", "3", "--tune-layers", "1", "--tune-epochs", "1"]) == 0
+    art = load_artifact(out)
+    thresholds = art.metadata["thresholds"]
+    assert thresholds["calibrated"].startswith("target_escalation_rate=0.2 on the chat training prompts")
+    assert "exam_quality_threshold" in thresholds and art.metadata["embedder"]["tuned_layers"] == 1
+    assert {"chat:code", "chat:general"} <= set(art.subjects)
+    write_chat(workdir / "chat_new.jsonl", n_per=30, seed=11)  # not trained on
+    capsys.readouterr()
+    assert main(["router", "eval", "--artifact", str(out), "--data", str(workdir / "chat_new.jsonl"), "--json"]) == 0
+    chat = json.loads(capsys.readouterr().out)["chat"]
+    assert chat["rows"] == 60 and chat["domain_accuracy"] > 0.8
+    assert set(chat["per_domain"]) == set(DOMAINS) and chat["per_domain"]["code"]["support"] == 30
+    esc = chat["escalation"]
+    assert esc["threshold"] == thresholds["escalation"] and 0 <= esc["share_escalated"] <= 1
+    assert esc["exam_threshold"] == thresholds["exam_quality_threshold"]
