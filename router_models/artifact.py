@@ -64,7 +64,8 @@ class RouterArtifact:
         return dict(self.metadata["embedder"])
 
 
-def _fail(path: Path, reason: str) -> ArtifactError:
+def artifact_error(path: Path, reason: str) -> ArtifactError:
+    """The ArtifactError for a problem with the artifact at ``path``."""
     return ArtifactError(f"router artifact {path}: {reason}", issues=(("router.artifact_path", f"{path}: {reason}"),), source=str(path))
 
 
@@ -89,20 +90,20 @@ def load_artifact(path: str | Path, *, expect_fingerprint: str | None = None) ->
     """Load and check an artifact. Raises ``ArtifactError`` naming the problem."""
     path = Path(path)
     if not path.is_dir():
-        raise _fail(path, "no such artifact folder")
+        raise artifact_error(path, "no such artifact folder")
     try:
         metadata = json.loads((path / METADATA).read_text())
     except FileNotFoundError:
-        raise _fail(path, f"{METADATA} is missing") from None
+        raise artifact_error(path, f"{METADATA} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _fail(path, f"{METADATA} is not valid JSON ({err})") from None
+        raise artifact_error(path, f"{METADATA} is not valid JSON ({err})") from None
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise _fail(path, f"format_version {metadata.get('format_version')!r}; this build reads {FORMAT_VERSION}")
+        raise artifact_error(path, f"format_version {metadata.get('format_version')!r}; this build reads {FORMAT_VERSION}")
     for key in ("domains", "subjects", "embedder", "thresholds", "feature_dim", "mlp_hidden"):
         if key not in metadata:
-            raise _fail(path, f"{METADATA} lacks {key!r}")
+            raise artifact_error(path, f"{METADATA} lacks {key!r}")
     if expect_fingerprint is not None and metadata["embedder"].get("fingerprint") != expect_fingerprint:
-        raise _fail(
+        raise artifact_error(
             path,
             f"built for embedder {metadata['embedder'].get('name')} ({metadata['embedder'].get('fingerprint')}), "
             f"but the installed embedder is {expect_fingerprint}",
@@ -111,9 +112,9 @@ def load_artifact(path: str | Path, *, expect_fingerprint: str | None = None) ->
         with np.load(path / WEIGHTS) as npz:
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError:
-        raise _fail(path, f"{WEIGHTS} is missing") from None
+        raise artifact_error(path, f"{WEIGHTS} is missing") from None
     except Exception as err:  # noqa: BLE001 - any unreadable weights file is the same problem
-        raise _fail(path, f"{WEIGHTS} is unreadable ({type(err).__name__}: {err})") from None
+        raise artifact_error(path, f"{WEIGHTS} is unreadable ({type(err).__name__}: {err})") from None
     _check_shapes(path, metadata, arrays)
     return RouterArtifact(path=path, metadata=metadata, arrays=arrays)
 
@@ -121,7 +122,7 @@ def load_artifact(path: str | Path, *, expect_fingerprint: str | None = None) ->
 def _check_shapes(path: Path, metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
     missing = [k for k in REQUIRED_ARRAYS if k not in arrays]
     if missing:
-        raise _fail(path, f"{WEIGHTS} lacks {missing}")
+        raise artifact_error(path, f"{WEIGHTS} lacks {missing}")
     dim, n_dom, n_sub = int(metadata["feature_dim"]), len(metadata["domains"]), len(metadata["subjects"])
     wide, hidden = dim + len(CHEAP_FEATURES), int(metadata["mlp_hidden"])
     expected = {
@@ -142,19 +143,18 @@ def _check_shapes(path: Path, metadata: dict[str, Any], arrays: dict[str, np.nda
         expected.update({f"{prefix}_W1": (wide, hidden), f"{prefix}_b1": (hidden,), f"{prefix}_W2": (hidden,), f"{prefix}_b2": (1,)})
     for name, shape in expected.items():
         if arrays[name].shape != shape:
-            raise _fail(path, f"{name} has shape {arrays[name].shape}, expected {shape}")
-        if not np.all(np.isfinite(arrays[name])):
-            raise _fail(path, f"{name} holds NaN or infinite values")
+            raise artifact_error(path, f"{name} has shape {arrays[name].shape}, expected {shape}")
+    # Tuned layers' shapes are checked against the checkpoint when they are swapped in.
     tuned = [k for k in arrays if k.startswith(f"{TUNED_PREFIX}_")]
     layers = int(metadata["embedder"].get("tuned_layers", 0))
     if len(tuned) != layers * len(TUNED_FIELDS) or any(f"{TUNED_PREFIX}_{k}_{f}" not in arrays for k in range(layers) for f in TUNED_FIELDS):
-        raise _fail(path, f"{WEIGHTS} holds {len(tuned)} tuned-layer arrays; metadata says {layers} tuned layers of {len(TUNED_FIELDS)}")
-    for name in tuned:
+        raise artifact_error(path, f"{WEIGHTS} holds {len(tuned)} tuned-layer arrays; metadata says {layers} tuned layers of {len(TUNED_FIELDS)}")
+    for name in [*expected, *tuned]:
         if not np.all(np.isfinite(arrays[name])):
-            raise _fail(path, f"{name} holds NaN or infinite values")
+            raise artifact_error(path, f"{name} holds NaN or infinite values")
     if np.any(arrays["blend_stats"][len(SIGNALS):] <= 0):
-        raise _fail(path, "blend_stats has a non-positive standard deviation")
+        raise artifact_error(path, "blend_stats has a non-positive standard deviation")
     for prefix in GBT_PREFIXES:  # the trees see the subject probabilities and the cheap features
         problem = tree_problems(arrays, prefix, n_sub + len(CHEAP_FEATURES))
         if problem:
-            raise _fail(path, f"{WEIGHTS}: {problem}")
+            raise artifact_error(path, f"{WEIGHTS}: {problem}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from cluster.config import DOMAINS
-from router_models.data import CHAT_SUBJECT_PREFIX
+from router_models.data import CHAT_SUBJECT_PREFIX, json_lines
 
 CHAT_LABELS = Path(__file__).resolve().parent / "data" / "sharegpt_chat_labels.jsonl"
 
@@ -68,13 +68,11 @@ def read_labels(paths: Iterable[Path]) -> dict[str, str]:
     """id -> domain from label files of ``{"id", "domain"}`` lines; refuses unknown domains."""
     labels: dict[str, str] = {}
     for path in paths:
-        for n, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            if obj.get("domain") not in DOMAINS:
-                raise ValueError(f"{path}:{n}: domain {obj.get('domain')!r} is not one of {DOMAINS}")
-            labels[str(obj["id"])] = obj["domain"]
+        for where, obj in json_lines(path):
+            domain = obj.get("domain") if isinstance(obj, dict) else None
+            if domain not in DOMAINS:
+                raise ValueError(f"{where}: domain {domain!r} is not one of {DOMAINS}")
+            labels[str(obj["id"])] = domain
     return labels
 
 
@@ -119,7 +117,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    sample = [json.loads(line) for path in args.sample for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    sample = [obj for path in args.sample for _, obj in json_lines(path)]
     labels = read_labels(args.labels)
     missing = [r["id"] for r in sample if r["id"] not in labels]
     if missing:

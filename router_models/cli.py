@@ -75,7 +75,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     artifact, embedder = load_with_embedder(args.artifact)
     examples = read_jsonl(args.data)
-    trained_on = any(d.get("sha256") == file_sha256(Path(args.data)) for d in artifact.metadata.get("data", []))
+    digest = file_sha256(Path(args.data))
+    trained_on = any(d.get("sha256") == digest for d in artifact.metadata.get("data", []))
     note = None
     if trained_on and not args.all_rows:
         meta = artifact.metadata["train"]

@@ -110,12 +110,13 @@ class Embedder:
         self.load()
         queries = [as_query(q) for q in items]
         requests = self._encode([_clip_chars(q.request) for q in queries])
-        contexts = self._encode([" ".join(c[:_CONTEXT_CHARS] for c in q.context) for q in queries]) if self.context_tokens else None
-        out = []
-        for i, request in enumerate(requests):
-            context = contexts[i] if contexts is not None else []
-            out.append(window_ids(request, context, self._cls, self._sep, self.max_tokens, self.head_tokens, self.context_tokens))
-        return out
+        # Most requests are one turn: only those with context pay for tokenising it.
+        with_context = [i for i, q in enumerate(queries) if q.context] if self.context_tokens else []
+        contexts: list[list[int]] = [[] for _ in queries]
+        for i, ids in zip(with_context, self._encode([" ".join(c[:_CONTEXT_CHARS] for c in queries[i].context) for i in with_context])):
+            contexts[i] = ids
+        return [window_ids(request, context, self._cls, self._sep, self.max_tokens, self.head_tokens, self.context_tokens)
+                for request, context in zip(requests, contexts)]
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return [enc.ids for enc in self._tokenizer.encode_batch(texts, add_special_tokens=False)]

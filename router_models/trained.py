@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cluster.types import RouteQuery, RouteScores, as_query
-from cluster.errors import ArtifactError
-from router_models.artifact import DEFAULT_ARTIFACT, TUNED_PREFIX, RouterArtifact, load_artifact
+from router_models.artifact import DEFAULT_ARTIFACT, TUNED_PREFIX, RouterArtifact, artifact_error, load_artifact
 from router_models.embedder import Embedder
 from router_models.heads import predict
 
@@ -29,7 +28,7 @@ def load_with_embedder(path: str | Path, *, threads: int | None = None) -> tuple
         try:
             embedder.use_tuned_layers(artifact.arrays, TUNED_PREFIX)
         except ValueError as err:
-            raise ArtifactError(f"router artifact {path}: {err}", issues=(("router.artifact_path", f"{path}: {err}"),), source=str(path)) from None
+            raise artifact_error(Path(path), str(err)) from None
     return artifact, embedder
 
 

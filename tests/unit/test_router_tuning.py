@@ -55,3 +55,16 @@ def test_tuned_layers_that_do_not_fit_the_checkpoint_are_refused() -> None:
     bad = {f"tuned_0_{f}": np.zeros((3, 3), np.float16) for f in TUNED_FIELDS}
     with pytest.raises(ValueError, match="tuned_0_qkv_w has shape"):
         embedder.use_tuned_layers(bad)
+
+
+def test_an_artifact_whose_tuned_layers_do_not_fit_fails_to_load(tmp_path) -> None:
+    from cluster.errors import ArtifactError
+    from router_models.artifact import save_artifact
+    from router_models.trained import load_with_embedder
+    from tests.unit.test_router_artifact import arrays, metadata
+
+    meta = metadata(fingerprint=Embedder(dtype="float32").fingerprint)
+    meta["embedder"].update(dtype="float32", tuned_layers=1)
+    save_artifact(tmp_path / "a", meta, {**arrays(), **{f"tuned_0_{f}": np.zeros((3, 3), np.float16) for f in TUNED_FIELDS}})
+    with pytest.raises(ArtifactError, match="tuned_0_qkv_w has shape"):
+        load_with_embedder(tmp_path / "a")
