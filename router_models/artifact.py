@@ -59,6 +59,12 @@ class RouterArtifact:
     def escalation_threshold(self) -> float:
         return float(self.metadata["thresholds"]["escalation"])
 
+    def threshold_for(self, domain: str) -> float:
+        """The escalation threshold for a request routed to ``domain``: its own when the
+        artifact was calibrated per domain (``thresholds.by_domain``), else the global one."""
+        by = self.metadata["thresholds"].get("by_domain") or {}
+        return float(by.get(domain, self.escalation_threshold))
+
     @property
     def embedder(self) -> dict[str, Any]:
         return dict(self.metadata["embedder"])
@@ -116,7 +122,20 @@ def load_artifact(path: str | Path, *, expect_fingerprint: str | None = None) ->
     except Exception as err:  # noqa: BLE001 - any unreadable weights file is the same problem
         raise artifact_error(path, f"{WEIGHTS} is unreadable ({type(err).__name__}: {err})") from None
     _check_shapes(path, metadata, arrays)
+    _check_thresholds(path, metadata)
     return RouterArtifact(path=path, metadata=metadata, arrays=arrays)
+
+
+def _check_thresholds(path: Path, metadata: dict[str, Any]) -> None:
+    thresholds = metadata["thresholds"]
+    values = {"escalation": thresholds.get("escalation")}
+    by = thresholds.get("by_domain") or {}
+    if not isinstance(by, dict) or not set(by) <= set(metadata["domains"]):
+        raise artifact_error(path, f"thresholds.by_domain must map known domains to thresholds, got {by!r}")
+    values.update({f"by_domain.{d}": v for d, v in by.items()})
+    for name, value in values.items():
+        if not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise artifact_error(path, f"thresholds.{name} must be a finite number, got {value!r}")
 
 
 def _check_shapes(path: Path, metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:

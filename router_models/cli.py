@@ -36,8 +36,10 @@ def _train(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from router_models.calibrate import calibrate
 
-    threshold = calibrate(args.artifact, args.data, target_rate=args.target_escalation_rate, target_quality=args.target_quality)
-    print(json.dumps({"artifact": str(args.artifact), "escalation_threshold": threshold}))
+    thresholds = calibrate(args.artifact, args.data, target_rate=args.target_escalation_rate, target_quality=args.target_quality,
+                           per_domain=args.per_domain)
+    print(json.dumps({"artifact": str(args.artifact), "escalation_threshold": thresholds["escalation"],
+                      "by_domain": thresholds.get("by_domain", {})}))
     return 0
 
 
@@ -142,9 +144,11 @@ def _chat_lines(chat: dict, min_conf: float) -> list[str]:
                      f"{_f(routed['recall']):>13}")
     lines.append(f"chat escalation score    p10 {esc['p10']:.3f}  p25 {esc['p25']:.3f}  p50 {esc['p50']:.3f}  p75 {esc['p75']:.3f}  "
                  f"p90 {esc['p90']:.3f}")
-    lines.append(f"chat prompts escalated   {esc['share_escalated']:.1%} at the threshold {esc['threshold']:.3f}"
+    lines.append(f"chat prompts escalated   {esc['share_escalated']:.1%} at the artifact's thresholds (global {esc['threshold']:.3f})"
                  + (f"; {esc['share_escalated_at_exam_threshold']:.1%} at the exam (95% quality) threshold {esc['exam_threshold']:.3f}"
                     if "exam_threshold" in esc else ""))
+    if esc.get("share_escalated_by_domain"):
+        lines.append("  by predicted domain     " + "  ".join(f"{d} {v:.1%}" for d, v in esc["share_escalated_by_domain"].items()))
     return lines
 
 
@@ -179,6 +183,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     goal = cal.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target-escalation-rate", type=float, help="share of requests to send to the frontier")
     goal.add_argument("--target-quality", type=float, help="share of frontier-only quality to reach (needs correctness labels)")
+    cal.add_argument("--per-domain", action="store_true",
+                     help="also one threshold per predicted domain, each escalating that share of its domain (rate only)")
     cal.set_defaults(func=_calibrate)
 
     score = rsub.add_parser(

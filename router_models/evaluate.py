@@ -47,13 +47,19 @@ def routed_domains(probs: np.ndarray, domains: Sequence[str], min_confidence: fl
     return [domains[i] if probs[n, i] >= min_confidence else "general" for n, i in enumerate(top)]
 
 
-def escalation_summary(scores: np.ndarray, thresholds: dict[str, Any]) -> dict[str, float | int]:
+def escalation_summary(scores: np.ndarray, thresholds: dict[str, Any], predicted: Sequence[str] | None = None) -> dict[str, Any]:
     """The escalation score's distribution, and the share the threshold (and the exam
-    threshold, when the artifact keeps one) sends to the frontier."""
+    threshold, when the artifact keeps one) sends to the frontier. With the predicted
+    domains, per-domain thresholds apply and the share is also given per domain."""
     q = np.quantile(scores, [0.1, 0.25, 0.5, 0.75, 0.9]) if len(scores) else [float("nan")] * 5
     threshold = float(thresholds["escalation"])
-    out = {"rows": int(len(scores)), "p10": float(q[0]), "p25": float(q[1]), "p50": float(q[2]), "p75": float(q[3]),
-           "p90": float(q[4]), "threshold": threshold, "share_escalated": float(np.mean(scores >= threshold)) if len(scores) else 0.0}
+    by = thresholds.get("by_domain") or {}
+    bars = np.array([float(by.get(d, threshold)) for d in predicted]) if predicted is not None else np.full(len(scores), threshold)
+    up = scores >= bars
+    out: dict[str, Any] = {"rows": int(len(scores)), "p10": float(q[0]), "p25": float(q[1]), "p50": float(q[2]), "p75": float(q[3]),
+                           "p90": float(q[4]), "threshold": threshold, "share_escalated": float(np.mean(up)) if len(scores) else 0.0}
+    if predicted is not None and len(scores):
+        out["share_escalated_by_domain"] = {d: float(np.mean(up[[p == d for p in predicted]])) for d in sorted(set(predicted))}
     if "exam_quality_threshold" in thresholds:
         exam = float(thresholds["exam_quality_threshold"])
         out.update(exam_threshold=exam, share_escalated_at_exam_threshold=float(np.mean(scores >= exam)) if len(scores) else 0.0)
@@ -70,7 +76,7 @@ def _chat_section(examples: Sequence[Example], predicted: list[str], routed: lis
         "routed_accuracy": domain_accuracy([routed[i] for i in rows], gold),
         "per_domain": per_domain([predicted[i] for i in rows], gold, domains),
         "routed_per_domain": per_domain([routed[i] for i in rows], gold, domains),
-        "escalation": escalation_summary(escalation[rows], thresholds),
+        "escalation": escalation_summary(escalation[rows], thresholds, [predicted[i] for i in rows]),
     }
 
 
@@ -111,7 +117,10 @@ def evaluate_embedded(arrays: dict[str, np.ndarray], metadata: dict[str, Any], e
         for key in ("router", "random", "subject_prior"):
             report[key].pop("shares", None)
             report[key].pop("qualities", None)
-        up = out.escalation[mask] >= float(metadata["thresholds"]["escalation"])
+        # the thresholds the gateway applies: per predicted domain when the artifact has them
+        by = metadata["thresholds"].get("by_domain") or {}
+        bars = np.array([float(by.get(d, metadata["thresholds"]["escalation"])) for d, m in zip(predicted, mask) if m])
+        up = out.escalation[mask] >= bars
         report["router"]["at_threshold"] = {"frontier_share": float(up.mean()),
                                             "quality_vs_frontier": float(np.where(up, strong, weak).mean() / strong.mean())}
     else:
@@ -127,6 +136,25 @@ def threshold_for_rate(scores: np.ndarray, rate: float) -> float:
     if rate == 0.0:
         return float(np.nextafter(scores.max(), np.inf))
     return float(np.quantile(scores, 1.0 - rate, method="higher"))
+
+
+# A domain needs this many prompts in the sample for a threshold of its own.
+MIN_DOMAIN_PROMPTS = 20
+
+
+def thresholds_by_domain(scores: np.ndarray, predicted: Sequence[str], rate: float) -> dict[str, float]:
+    """One threshold per predicted domain, each sending about ``rate`` of that domain's
+    traffic to the frontier. The escalation heads learnt "needs the frontier" on exams,
+    where technical subjects are the hard ones: calibrated globally on chat traffic, the
+    threshold sent 54% of code prompts and 1% of general ones to the frontier (docs/ensemble.md).
+    Domains with fewer than MIN_DOMAIN_PROMPTS prompts in the sample get none (the global
+    threshold applies to them)."""
+    out: dict[str, float] = {}
+    for domain in sorted(set(predicted)):
+        mask = np.array([p == domain for p in predicted])
+        if mask.sum() >= MIN_DOMAIN_PROMPTS:
+            out[domain] = threshold_for_rate(scores[mask], rate)
+    return out
 
 
 def threshold_for_scores_quality(scores: np.ndarray, weak: np.ndarray, strong: np.ndarray, target: float) -> float | None:

@@ -21,7 +21,7 @@ from cluster.errors import InvalidRequestError
 from router_models.artifact import RouterArtifact, load_artifact, save_artifact
 from router_models.data import Example, file_sha256, is_chat, read_many, split
 from router_models.embedder import EMBEDDER_NAME, EMBEDDING_DIM, Embedder
-from router_models.evaluate import evaluate_embedded, threshold_for_quality, threshold_for_rate
+from router_models.evaluate import evaluate_embedded, threshold_for_quality, threshold_for_rate, thresholds_by_domain
 from router_models.features import with_features
 from router_models.fitting import TrainSettings, fit_base, fit_trees, labelled_outcomes
 from router_models.heads import GBT_PREFIXES, SIGNALS, base_signals, gbt_signals, predict, softmax, tree_inputs
@@ -106,7 +106,7 @@ def choose_thresholds(arrays: dict[str, np.ndarray], train_set: Sequence[Example
     shipped artifact (73.9% with three tuned layers; docs/router.md). With chat rows in training, the default is therefore the threshold
     that escalates ``chat_escalation_rate`` of the chat training prompts (RouteLLM's
     calibration on a sample of traffic); the exam threshold is kept beside it. Operators
-    recalibrate on their own traffic with ``slmctl router calibrate``.
+    recalibrate on their own traffic with ``slmctl router calibrate [--per-domain]``.
     """
     exam = threshold_for_quality(arrays, val_set, X_val, settings.target_quality)
     out: dict[str, Any] = {"escalation": 0.5 if exam is None else exam,
@@ -116,9 +116,14 @@ def choose_thresholds(arrays: dict[str, np.ndarray], train_set: Sequence[Example
     chat = np.array([is_chat(ex) for ex in train_set])
     if settings.chat_escalation_rate is not None and chat.sum() >= 10:
         texts = [ex.prompt for ex, c in zip(train_set, chat) if c]
-        scores = predict(arrays, X_train[chat], texts).escalation
-        out["escalation"] = threshold_for_rate(scores, settings.chat_escalation_rate)
-        out["calibrated"] = f"target_escalation_rate={settings.chat_escalation_rate} on the chat training prompts ({int(chat.sum())})"
+        heads = predict(arrays, X_train[chat], texts)
+        out["escalation"] = threshold_for_rate(heads.escalation, settings.chat_escalation_rate)
+        # and per predicted domain: the global threshold would escalate code far more than
+        # general (the heads learnt "hard" from exam subjects); see thresholds_by_domain
+        predicted = [DOMAINS[i] for i in heads.domain_probs.argmax(axis=1)]
+        out["by_domain"] = thresholds_by_domain(heads.escalation, predicted, settings.chat_escalation_rate)
+        out["calibrated"] = (f"target_escalation_rate={settings.chat_escalation_rate} on the chat training prompts "
+                             f"({int(chat.sum())}), overall and per predicted domain")
     return out
 
 

@@ -56,6 +56,7 @@ class TrainedRouter:
 
     @property
     def threshold(self) -> float:
+        """The global threshold (an artifact calibrated per domain applies its own per domain)."""
         assert self.artifact is not None, "load() first"
         return self.threshold_override if self.threshold_override is not None else self.artifact.escalation_threshold
 
@@ -67,16 +68,12 @@ class TrainedRouter:
         # The cheap text features describe the request itself; the context only joins the embedding.
         out = predict(self.artifact.arrays, self.embedder.embed(queries), [q.request for q in queries])
         domains = self.artifact.domains
-        threshold = self.threshold
         result = []
         for probs, esc in zip(out.domain_probs, out.escalation):
             domain_probs = {d: float(p) for d, p in zip(domains, probs)}
+            domain = max(domain_probs, key=domain_probs.__getitem__)
+            threshold = self.threshold_override if self.threshold_override is not None else self.artifact.threshold_for(domain)
             result.append(
-                RouteScores(
-                    domain=max(domain_probs, key=domain_probs.__getitem__),
-                    domain_probs=domain_probs,
-                    escalation_score=float(esc),
-                    escalation_threshold=threshold,
-                )
+                RouteScores(domain=domain, domain_probs=domain_probs, escalation_score=float(esc), escalation_threshold=threshold)
             )
         return result

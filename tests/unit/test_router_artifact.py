@@ -183,9 +183,22 @@ def _corrupt_old_blend(p):
     return p
 
 
+def _corrupt_thresholds(**thresholds):
+    def corrupt(p):
+        meta = metadata()
+        meta["thresholds"] = {"escalation": 0.5, **thresholds}
+        save_artifact(p, meta, arrays())
+        return p
+
+    return corrupt
+
+
 @pytest.mark.parametrize(
     ("corrupt", "fragment"),
     [
+        (_corrupt_thresholds(by_domain={"cooking": 0.4}), "thresholds.by_domain must map known domains"),
+        (_corrupt_thresholds(by_domain={"code": "high"}), "thresholds.by_domain.code must be a finite number"),
+        (_corrupt_thresholds(escalation=float("nan")), "thresholds.escalation must be a finite number"),
         (_corrupt_missing_dir, "no such artifact folder"),
         (_corrupt_no_metadata, "metadata.json is missing"),
         (_corrupt_bad_json, "not valid JSON"),
@@ -209,6 +222,14 @@ def test_bad_artifacts_fail_clearly(tmp_path, corrupt, fragment: str) -> None:
     with pytest.raises(ArtifactError) as info:
         load_artifact(corrupt(tmp_path / "a"), expect_fingerprint="abc")
     assert fragment in str(info.value)
+
+
+def test_thresholds_per_domain_fall_back_to_the_global_one(tmp_path) -> None:
+    meta = metadata()
+    meta["thresholds"] = {"escalation": 0.5, "by_domain": {"code": 0.8}}
+    save_artifact(tmp_path / "a", meta, arrays())
+    art = load_artifact(tmp_path / "a")
+    assert (art.threshold_for("code"), art.threshold_for("general"), art.escalation_threshold) == (0.8, 0.5, 0.5)
 
 
 def test_tuned_layers_are_stored_as_float16_and_checked(tmp_path) -> None:

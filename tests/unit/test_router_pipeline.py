@@ -200,3 +200,36 @@ def test_training_with_chat_rows_sets_a_chat_threshold_and_reports_chat(workdir,
     esc = chat["escalation"]
     assert esc["threshold"] == thresholds["escalation"] and 0 <= esc["share_escalated"] <= 1
     assert esc["exam_threshold"] == thresholds["exam_quality_threshold"]
+    # per predicted domain: each domain with enough training prompts has its own bar, and
+    # eval applies them, as the serving router does
+    assert set(thresholds["by_domain"]) == {"code", "general"}
+    assert set(esc["share_escalated_by_domain"]) <= set(DOMAINS)
+
+
+def test_calibrate_per_domain_and_serving_uses_each_domains_bar(workdir, tmp_path, capsys) -> None:
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(workdir / "art", art)
+    assert main(["router", "calibrate", "--artifact", str(art), "--data", str(workdir / "train.jsonl"),
+                 "--target-escalation-rate", "0.3", "--per-domain"]) == 0
+    thresholds = load_artifact(art).metadata["thresholds"]
+    by = thresholds["by_domain"]
+    assert set(by) == {"code", "legal", "medical", "general", "math"}  # 30 prompts each, all over the minimum of 20
+    assert json.loads(capsys.readouterr().out)["by_domain"] == by
+    router = TrainedRouter(art)
+    router.load()
+    prompts = [json.loads(line)["prompt"] for line in (workdir / "train.jsonl").read_text().splitlines()]
+    scores = router.score(prompts)
+    for domain in by:
+        mine = [s for s in scores if s.domain == domain]
+        assert mine and all(s.escalation_threshold == by[domain] for s in mine)
+        # each domain escalates about the target share of its own prompts
+        assert abs(sum(s.escalation_score >= by[domain] for s in mine) / len(mine) - 0.3) < 0.1
+    # the override still wins
+    overridden = TrainedRouter(art, threshold=0.9)
+    overridden.load()
+    assert {s.escalation_threshold for s in overridden.score(prompts[:5])} == {0.9}
+    # --per-domain needs a rate
+    assert main(["router", "calibrate", "--artifact", str(art), "--data", str(workdir / "train.jsonl"),
+                 "--target-quality", "0.9", "--per-domain"]) == 2
