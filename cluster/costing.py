@@ -1,0 +1,70 @@
+"""What each answer cost: USD and joules for every call a request made, cancelled ones
+included, and what the frontier alone would have cost. Pure arithmetic over the config's
+cost blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.config import ClusterConfig, CostConfig
+
+# outcome of one model call
+WON, LOST, CANCELLED, FAILED = "won", "lost", "cancelled", "failed"
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    model: str
+    version: str
+    prompt_tokens: int
+    completion_tokens: int
+    outcome: str
+    latency_s: float
+    usage_exact: bool = True  # False when the call ended before the engine reported usage
+
+
+@dataclass(frozen=True)
+class Cost:
+    usd: float
+    joules: float
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.usd + other.usd, self.joules + other.joules)
+
+
+ZERO = Cost(0.0, 0.0)
+
+
+def price(cost: CostConfig, prompt_tokens: int, completion_tokens: int) -> Cost:
+    usd = (prompt_tokens * cost.usd_per_million_input_tokens + completion_tokens * cost.usd_per_million_output_tokens) / 1e6
+    return Cost(usd, completion_tokens * cost.joules_per_token)
+
+
+def call_cost(cfg: ClusterConfig, call: CallRecord) -> Cost:
+    model = cfg.model(call.model)
+    version = model.version(call.version) if model is not None else None
+    if version is None:
+        return ZERO
+    return price(version.cost, call.prompt_tokens, call.completion_tokens)
+
+
+def total(cfg: ClusterConfig, calls: list[CallRecord]) -> Cost:
+    out = ZERO
+    for call in calls:
+        out = out + call_cost(cfg, call)
+    return out
+
+
+def frontier_only(cfg: ClusterConfig, prompt_tokens: int, completion_tokens: int) -> Cost | None:
+    """The frontier's price for the request's input tokens and this answer's output tokens
+    (None without a frontier model)."""
+    frontier = cfg.frontier
+    if frontier is None:
+        return None
+    return price(frontier.current.cost, prompt_tokens, completion_tokens)
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free estimate (about four characters a token for English), used only for
+    calls that were cancelled before their engine reported usage."""
+    return max(1, (len(text) + 3) // 4)
