@@ -44,6 +44,16 @@ class ModelServer:
     async def check_health(self) -> None:
         await self.engine.check_health()
 
+    async def stats(self) -> dict[str, Any]:
+        """The engine's own counters (generations completed and aborted, ...), for tests,
+        benchmarks and operators; empty for an engine that keeps none."""
+        stats = getattr(self.engine, "stats", None)
+        if callable(stats):
+            return dict(stats())
+        if stats is not None and hasattr(stats, "__dict__"):
+            return {k: v for k, v in vars(stats).items() if isinstance(v, (int, float, str))}
+        return {}
+
     async def ready(self) -> dict[str, Any]:
         """Health plus placement facts, for /readyz and the GPU-placement test."""
         await self.engine.check_health()

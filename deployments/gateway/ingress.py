@@ -7,6 +7,7 @@ in the ``x-slm-*`` headers and the body's ``model`` field (``code@v1``).
 
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -22,6 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster import costing, policy, strategy
 from cluster.chat import route_query, to_generation_request
 from cluster.config import ClusterConfig
 from cluster.errors import (
@@ -35,6 +37,7 @@ from cluster.loader import format_loc
 from cluster.openai_schema import ChatCompletionRequest, models_body
 from cluster.routing import AUTO, decide_auto, listed_models, resolve_explicit
 from cluster.types import GenerationRequest, RouteDecision
+from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway.errors import error_response, to_slm_error
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
 from deployments.gateway.streams import timed_chunks
@@ -79,6 +82,10 @@ class Gateway:
         self.clock = time.monotonic
         self.api_keys = self._load_api_keys(env if env is not None else os.environ)
         self.model_ids = listed_models(config)
+        self.ensemble = Ensemble(config, self._open_call, self.clock)
+
+    def _open_call(self, decision: RouteDecision, request: GenerationRequest):  # type: ignore[no-untyped-def]
+        return timed_chunks(self.models[decision.deployment_name], request, self.config.gateway, self.clock)
 
     def _load_api_keys(self, env: Mapping[str, str]) -> tuple[str, ...]:
         name = self.config.gateway.api_keys_env
@@ -137,50 +144,121 @@ class Gateway:
             return RouteDecision(model=general.name, version=general.current.name, reason="general:router-unavailable")
         return decide_auto(self.config, scores)
 
+    def _reachable(self, decision: RouteDecision, auto: bool, screened: policy.Screened) -> RouteDecision:
+        """The first choice, checked against the data policy: a named model the data may not
+        reach is a 403; an auto pick falls back to the general model."""
+        if policy.allowed(self.config, screened, decision.model, decision.version):
+            return decision
+        general = self.config.general
+        if auto and policy.allowed(self.config, screened, general.name, general.current.name):
+            return RouteDecision(model=general.name, version=general.current.name, reason="general:data-policy", domain=decision.domain)
+        policy.check_named(self.config, screened, decision.model, decision.version)
+        return decision  # unreachable: check_named raised
+
     @staticmethod
-    def _headers(decision: RouteDecision | None) -> dict[str, str]:
+    def _headers(decision: RouteDecision | None, first: RouteDecision | None = None) -> dict[str, str]:
         # Serve's proxy already echoes x-request-id; it is the id used here too.
         headers: dict[str, str] = {}
         if decision is not None:
             headers.update(
                 {"x-slm-model": decision.model, "x-slm-version": decision.version, "x-slm-route-reason": decision.reason}
             )
-            if decision.domain is not None:
-                headers["x-slm-domain"] = decision.domain
-            if decision.escalation_score is not None:
-                headers["x-slm-escalation-score"] = f"{decision.escalation_score:.4f}"
-            if decision.escalation_threshold is not None:
-                headers["x-slm-escalation-threshold"] = f"{decision.escalation_threshold:.4f}"
+            routed = first or decision  # the router's view, whoever answered
+            if routed.domain is not None:
+                headers["x-slm-domain"] = routed.domain
+            if routed.escalation_score is not None:
+                headers["x-slm-escalation-score"] = f"{routed.escalation_score:.4f}"
+            if routed.escalation_threshold is not None:
+                headers["x-slm-escalation-threshold"] = f"{routed.escalation_threshold:.4f}"
+        return headers
+
+    @staticmethod
+    def _outcome_headers(out: Outcome) -> dict[str, str]:
+        headers = {"x-slm-strategy": out.strategy, "x-slm-escalated": out.escalated}
+        if out.gate_score is not None:
+            headers["x-slm-gate-score"] = f"{out.gate_score:.4f}"
+        if out.race_winner is not None:
+            headers["x-slm-race-winner"] = out.race_winner
+        if out.decided_ms is not None:
+            headers["x-slm-decided-ms"] = f"{out.decided_ms:.1f}"
+        if out.cancelled:
+            headers["x-slm-cancelled"] = ",".join(out.cancelled)
+        return headers
+
+    def _cost(self, out: Outcome) -> dict[str, str]:
+        """Every call counts, cancelled ones included; and what the frontier alone would
+        have cost: its input tokens (this request's, as the answering engine counted them
+        when the frontier did not run) and this answer's output tokens, at its prices."""
+        records = out.records()
+        spent = costing.total(self.config, records)
+        won = next(r for r in records if r.outcome == costing.WON)
+        frontier = self.config.frontier
+        ran = [r for r in records if frontier is not None and r.model == frontier.name and r.usage_exact]
+        prompt = ran[0].prompt_tokens if ran else won.prompt_tokens
+        alone = costing.frontier_only(self.config, prompt, won.completion_tokens)
+        headers = {"x-slm-cost-usd": format(spent.usd, ".8g"), "x-slm-energy-j": format(spent.joules, ".8g")}
+        if alone is not None:
+            headers["x-slm-frontier-cost-usd"] = format(alone.usd, ".8g")
         return headers
 
     # --- endpoints --------------------------------------------------------------------
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
+        started_at = self.clock()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         decision: RouteDecision | None = None
+        first: RouteDecision | None = None
+        headers: dict[str, str] = {}
         try:
             self._check_auth(request)
             wire = self._parse(await self._read_body(request))
             gen = to_generation_request(wire, self.config.gateway, request_id)
-            decision = await self._decide(wire.model, gen)
-            handle = self.models[decision.deployment_name]
-            chunks = timed_chunks(handle, gen, self.config.gateway, self.clock)
+            chosen = strategy.parse_strategy(request.headers.get(strategy.STRATEGY_HEADER), self.config.strategy)
+            budget = strategy.parse_budget(request.headers.get(strategy.BUDGET_HEADER))
+            declared = policy.parse_data_class(request.headers.get(policy.DATA_CLASS_HEADER), self.config.policy)
+            # The PII screen runs before routing; the router is on-prem and sees the text.
+            screened = policy.screen(gen.messages, declared, self.config.policy)
+            headers["x-slm-strategy"] = chosen
+            headers["x-slm-data-class"] = screened.data_class
+            if screened.pii_types:
+                headers["x-slm-pii"] = ",".join(screened.pii_types)
+            auto = wire.model == AUTO
+            first = decision = self._reachable(await self._decide(wire.model, gen), auto, screened)
+            plan = strategy.plan(
+                self.config, chosen, decision, auto=auto, screened=screened, budget_ms=budget, expected_ms=self.ensemble.expected_ms()
+            )
+            gated = plan.strategy in ("cascade", "race")
+
+            def call_request(d: RouteDecision) -> GenerationRequest:
+                req = gen
+                if policy.is_external(self.config, d.model, d.version) and screened.external_messages is not None:
+                    req = dataclasses.replace(gen, messages=screened.external_messages)
+                return with_id(req, d, logprobs=gated)
+
+            out = await self.ensemble.run(plan, call_request, stream=wire.stream, started_at=started_at)
+            decision = out.winner.decision
+            headers.update(self._headers(decision, first))
+            headers.update(self._outcome_headers(out))
             meta = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": decision.served_name}
-            headers = self._headers(decision)
+            chunks = out.winner.replay()
             if wire.stream:
                 include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
                 # Pull the first chunk before answering, so failures before any token get
                 # a real status code instead of a 200 stream with an error in it.
-                first = await anext_or_close(chunks)
-                events = sse_events(first, chunks, meta, include_usage=include_usage, logprobs=gen.sampling.logprobs)
+                first_chunk = await anext_or_close(chunks)
+                events = sse_events(
+                    first_chunk, chunks, meta, include_usage=include_usage, logprobs=gen.sampling.logprobs,
+                    trailer=lambda: self._cost(out),
+                )
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
             body = await collect_completion(chunks, meta, logprobs=gen.sampling.logprobs)
+            headers.update(self._cost(out))
             return JSONResponse(body, headers=headers)
         except Exception as exc:  # noqa: BLE001 - mapped to a typed error in one place
             err = to_slm_error(exc)
             log.info("gateway: %s -> %s %s", request_id, err.http_status, err.code)
-            return error_response(err, headers=self._headers(decision))
+            return error_response(err, headers={**headers, **self._headers(decision, first)})
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:

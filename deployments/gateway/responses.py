@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from cluster.openai_schema import chunk_body, completion_body, usage_body
 from cluster.types import GenerationChunk
@@ -41,10 +41,15 @@ async def sse_events(
     *,
     include_usage: bool,
     logprobs: bool,
+    trailer: Callable[[], dict[str, str]] | None = None,
 ) -> AsyncIterator[str]:
     """OpenAI's stream: a role delta, content deltas, a finish chunk, an optional usage
     chunk, then ``[DONE]``. A failure after the first byte ends the stream with an
-    ``{"error": ...}`` event (the OpenAI SDK raises it as an APIError)."""
+    ``{"error": ...}`` event (the OpenAI SDK raises it as an APIError).
+
+    ``trailer()`` gives facts known only at the end (the answer's cost): they go out as one
+    SSE comment line before ``[DONE]`` (``: x-slm-trailer {...}``), which SSE clients,
+    the OpenAI SDKs included, skip; the response headers left before they were known."""
     common = {"completion_id": meta["id"], "created": meta["created"], "model": meta["model"]}
     try:
         yield _event(chunk_body(**common, delta={"role": "assistant", "content": ""}))
@@ -58,6 +63,8 @@ async def sse_events(
                 if include_usage and chunk.usage is not None:
                     usage = usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                     yield _event(chunk_body(**common, delta={}, usage=usage, with_choice=False))
+                if trailer is not None:
+                    yield f": x-slm-trailer {json.dumps(trailer(), separators=(',', ':'))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             chunk = await chunks.__anext__()

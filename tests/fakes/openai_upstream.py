@@ -23,7 +23,8 @@ API key, and a stream that fails after N tokens by hang-up, error event or early
 Counters (the server thread updates them): ``requests``, ``completed`` (answers sent to the
 end), ``disconnected`` (requests whose client went away before the end: what an engine's
 abort looks like from the upstream), ``last_authorization`` (the Authorization header of the
-last request) and ``last_body`` (its parsed JSON). All but ``disconnected`` are updated
+last request), ``last_body`` (its parsed JSON) and ``bodies`` (every request's, in order:
+what a recording upstream saw). All but ``disconnected`` are updated
 before the client can have read the whole response; ``disconnected`` a moment after the
 client leaves, so poll for it.
 """
@@ -79,6 +80,7 @@ class OpenAIUpstream:
         self.disconnected = 0
         self.last_authorization: str | None = None
         self.last_body: dict[str, Any] | None = None
+        self.bodies: list[dict[str, Any]] = []
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -140,6 +142,7 @@ class OpenAIUpstream:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.requests += 1
         self.last_body = body
+        self.bodies.append(body)
         self.last_authorization = headers.get("authorization")
         knobs = dataclasses.replace(self.knobs)  # a snapshot: a test may change knobs meanwhile
         await self._until_disconnect(receive, self._respond(knobs, body, self.last_authorization, send))
