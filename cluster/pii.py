@@ -98,10 +98,24 @@ def _phonenumbers():  # imported on first use: it loads per-region metadata
     return phonenumbers
 
 
+# Digit runs that could hold a phone number. libphonenumber's matcher is thorough but slow
+# over a whole long prompt (57 ms for a 21,000-character one full of timestamps), so it
+# reads only these runs, each with 8 characters of context on either side: 13 ms for that
+# prompt, and the same matches as the whole-text matcher on 2,000 chat prompts (its
+# time-of-day and context checks need those 8 characters; 2 were not enough).
+_PHONE_CANDIDATE = re.compile(r"\+?\(?\d[\d \t().\-/]{5,24}\d")
+
+
 def _phones(text: str) -> list[Span]:
     pn = _phonenumbers()
-    matcher = pn.PhoneNumberMatcher(text, "US", leniency=pn.Leniency.VALID)
-    return [Span("PHONE", m.start, m.end) for m in matcher]
+    spans = []
+    for cand in _PHONE_CANDIDATE.finditer(text):
+        if sum(ch.isdigit() for ch in cand.group()) < 7:
+            continue
+        start, end = max(0, cand.start() - 8), min(len(text), cand.end() + 8)
+        for m in pn.PhoneNumberMatcher(text[start:end], "US", leniency=pn.Leniency.VALID):
+            spans.append(Span("PHONE", start + m.start, start + m.end))
+    return spans
 
 
 def find(text: str) -> list[Span]:

@@ -22,6 +22,8 @@ CASES: list[tuple[str, tuple[str, ...]]] = [
     ("the answer is 42", ()),
     ("in 2023-10-12 we shipped v3.11", ()),
     ("compute 123 * 456 + 789", ()),
+    ('time="2023-01-13 11:40:59" level=error', ()),  # a timestamp, not a phone
+    ('"localtime": "2022-12-12 22:07"', ()),
     # payment cards (Luhn)
     ("card 4111 1111 1111 1111 exp 12/29", ("CREDIT_CARD",)),
     ("5500-0000-0000-0004", ("CREDIT_CARD",)),
@@ -78,6 +80,13 @@ def test_the_table_is_big_enough() -> None:
 def test_redaction_replaces_every_value_with_its_type() -> None:
     text = "mail jane.roe@example.org, card 4111 1111 1111 1111, ip 10.0.0.7."
     assert pii.redact(text) == "mail [EMAIL], card [CREDIT_CARD], ip [IP_ADDRESS]."
+
+
+def test_phones_found_inside_long_text_at_the_right_offsets() -> None:
+    filler = "log line 2023-01-13 11:40:59 ok; " * 300
+    text = filler + "call (415) 555-2671 now" + filler
+    [span] = pii.find(text)
+    assert span.kind == "PHONE" and text[span.start : span.end] == "(415) 555-2671"
 
 
 def test_a_card_number_is_not_also_a_phone() -> None:
