@@ -80,12 +80,13 @@ class Calibration:
     records: int
 
 
-def record_features(record: Mapping[str, object], line: int) -> tuple[GateFeatures, bool]:
-    """One labelled record ``{"features": {...}, "correct": bool}``; InvalidRequestError names the line."""
+def record_features(record: Mapping[str, object], where: object) -> tuple[GateFeatures, bool]:
+    """One labelled record ``{"features": {...}, "correct": bool}``; InvalidRequestError
+    names ``where`` it came from (a file:line)."""
     feats = record.get("features")
     correct = record.get("correct")
     if not isinstance(feats, Mapping) or not isinstance(correct, bool):
-        raise InvalidRequestError(f"line {line}: need {{'features': {{...}}, 'correct': true|false}}", param="data")
+        raise InvalidRequestError(f"{where}: need {{'features': {{...}}, 'correct': true|false}}", param="data")
     try:
         tokens = int(feats["tokens"])  # type: ignore[arg-type]
         mean = feats.get("mean_logprob")
@@ -100,7 +101,7 @@ def record_features(record: Mapping[str, object], line: int) -> tuple[GateFeatur
             correct,
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"line {line}: bad features ({exc}); need tokens, mean_logprob, low_prob", param="data") from None
+        raise InvalidRequestError(f"{where}: bad features ({exc}); need tokens, mean_logprob, low_prob", param="data") from None
 
 
 def calibrate(

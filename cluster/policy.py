@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from cluster import pii
 from cluster.config import DATA_CLASSES, ClusterConfig, PolicyConfig
-from cluster.errors import InvalidRequestError, PIIDetectedError, PolicyViolationError
+from cluster.errors import PIIDetectedError, PolicyViolationError
+from cluster.headers import parse_choice
 from cluster.types import ChatMessage
 
 DATA_CLASS_HEADER = "x-slm-data-class"
@@ -29,14 +30,7 @@ class Screened:
 
 
 def parse_data_class(header: str | None, policy: PolicyConfig) -> str:
-    if header is None:
-        return policy.default_data_class
-    value = header.strip().lower()
-    if value not in DATA_CLASSES:
-        raise InvalidRequestError(
-            f"Unknown data class {header!r}; use one of {', '.join(DATA_CLASSES)}.", param=DATA_CLASS_HEADER, code="invalid_header"
-        )
-    return value
+    return parse_choice(header, default=policy.default_data_class, allowed=DATA_CLASSES, name=DATA_CLASS_HEADER, what="data class")
 
 
 def screen(messages: tuple[ChatMessage, ...], declared_class: str, policy: PolicyConfig) -> Screened:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from cluster import policy
 from cluster.config import STRATEGIES, ClusterConfig, StrategyConfig
 from cluster.errors import InvalidRequestError
+from cluster.headers import parse_choice
 from cluster.policy import Screened
 from cluster.types import RouteDecision
 
@@ -23,14 +24,7 @@ ESCALATED, NOT_ESCALATED, ESCALATION_FAILED, SKIPPED_BUDGET = "true", "false", "
 
 
 def parse_strategy(header: str | None, cfg: StrategyConfig) -> str:
-    if header is None:
-        return cfg.default
-    value = header.strip().lower()
-    if value not in STRATEGIES:
-        raise InvalidRequestError(
-            f"Unknown strategy {header!r}; use one of {', '.join(STRATEGIES)}.", param=STRATEGY_HEADER, code="invalid_header"
-        )
-    return value
+    return parse_choice(header, default=cfg.default, allowed=STRATEGIES, name=STRATEGY_HEADER, what="strategy")
 
 
 def parse_budget(header: str | None) -> float | None:

@@ -10,12 +10,12 @@ the prompt and the seed, so it is the same whatever the file order.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 from cluster.errors import InvalidRequestError
+from cluster.jsonl import json_lines  # noqa: F401 - re-exported: router_models reads its files through it
 
 GSM8K_SUBJECT = "gsm8k"
 CHAT_SUBJECT_PREFIX = "chat:"  # chat rows' subjects: chat:code, chat:general, ...
@@ -55,21 +55,6 @@ def _example(obj: dict, where: str) -> Example:
     sample = obj.get("sample")
     return Example(prompt, obj.get("domain"), subject, None if weak is None else bool(weak), None if strong is None else bool(strong),
                    sample if isinstance(sample, str) else None)
-
-
-def json_lines(path: str | Path) -> Iterator[tuple[str, object]]:
-    """(``file:line`` for messages, parsed value) for each non-blank line; a line that is not
-    JSON raises ``InvalidRequestError`` naming it."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InvalidRequestError(f"{path}:{n}: not JSON ({err})") from None
-            yield f"{path}:{n}", obj
 
 
 def read_jsonl(path: str | Path) -> list[Example]:

@@ -8,6 +8,7 @@ import sys
 
 from cluster import gate
 from cluster.errors import InvalidRequestError
+from cluster.jsonl import json_lines
 from cluster.loader import PROFILES, resolve_config
 
 CALIBRATE_HELP = """Each line of --data is one small-model answer, labelled:
@@ -45,21 +46,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be in [0, 1], got {value}")
     cfg = resolve_config(profile=None if args.config else args.profile, path=args.config)
     scored = []
-    try:
-        with open(args.data, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InvalidRequestError(f"{args.data}: line {n}: not JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise InvalidRequestError(f"{args.data}: line {n}: need a JSON object")
-                feats, correct = gate.record_features(record, n)
-                scored.append((gate.score(feats, cfg.strategy.gate), correct))
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot read {args.data}: {exc.strerror}") from None
+    for where, record in json_lines(args.data):
+        if not isinstance(record, dict):
+            raise InvalidRequestError(f"{where}: need a JSON object")
+        feats, correct = gate.record_features(record, where)
+        scored.append((gate.score(feats, cfg.strategy.gate), correct))
     result = gate.calibrate(scored, target_escalation_rate=args.target_escalation_rate, target_quality=args.target_quality)
     if args.json:
         print(json.dumps(result.__dict__))

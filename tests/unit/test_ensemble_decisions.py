@@ -264,8 +264,8 @@ def test_calibrate_needs_one_target_and_records() -> None:
         gate.calibrate(SCORED)
     with pytest.raises(InvalidRequestError):
         gate.calibrate([], target_quality=0.9)
-    with pytest.raises(InvalidRequestError, match="line 3"):
-        gate.record_features({"features": {"tokens": "x"}, "correct": True}, 3)
+    with pytest.raises(InvalidRequestError, match="f.jsonl:3: bad features"):
+        gate.record_features({"features": {"tokens": "x"}, "correct": True}, "f.jsonl:3")
 
 
 # --- policy ----------------------------------------------------------------------------
@@ -370,6 +370,6 @@ def test_slmctl_gate_calibrate(tmp_path, capsys) -> None:
     assert "pass bar:" in out and "pass_bar:" in out
     data.write_text('{"features": {"tokens": 3}, "correct": "yes"}\n')
     assert main(["gate", "calibrate", "--data", str(data), "--target-quality", "0.9"]) == 2
-    assert "line 1" in capsys.readouterr().err
+    assert "answers.jsonl:1: need" in capsys.readouterr().err
     assert main(["gate", "calibrate", "--data", str(tmp_path / "none.jsonl"), "--target-quality", "0.9"]) == 2
     assert main(["gate", "calibrate", "--data", str(data), "--target-escalation-rate", "1.5"]) == 2
