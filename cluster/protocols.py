@@ -6,9 +6,12 @@ Adapters live outside the kernel (engines in ``deployments/engines``, router mod
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, AsyncIterator, Protocol, Sequence, runtime_checkable
 
 from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest, RouteQuery, RouteScores
+
+if TYPE_CHECKING:
+    from cluster.traffic_store import TrafficSnapshot
 
 
 @runtime_checkable
@@ -51,10 +54,17 @@ class RouterModel(Protocol):
 
 
 class TrafficStore(Protocol):
-    """Reads, writes and watches the per-specialist traffic split (model -> version -> weight)."""
+    """Holds the per-model traffic splits (model -> version -> weight) and promoted current
+    versions. ``cluster.traffic_store`` has the in-memory and Redis implementations; one
+    contract suite (``tests/contract/test_traffic_store.py``) runs both. A store that cannot
+    be reached raises ``TrafficStoreUnavailable``."""
 
-    async def read(self, model: str) -> dict[str, float] | None: ...
+    async def snapshot(self) -> "TrafficSnapshot": ...
 
-    async def write(self, model: str, weights: dict[str, float]) -> None: ...
+    async def write_split(self, model: str, weights: dict[str, int]) -> None: ...
 
-    async def subscribe(self, callback: Callable[[str, dict[str, float]], None]) -> None: ...
+    async def clear_split(self, model: str) -> None: ...
+
+    async def set_current(self, model: str, version: str) -> None: ...
+
+    async def close(self) -> None: ...

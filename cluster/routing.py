@@ -6,6 +6,10 @@ every branch is a row in a table test.
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
+from cluster import traffic
 from cluster.config import ClusterConfig
 from cluster.errors import ModelNotFoundError
 from cluster.types import RouteDecision, RouteScores
@@ -53,6 +57,32 @@ def decide_auto(cfg: ClusterConfig, scores: RouteScores) -> RouteDecision:
         escalation_score=scores.escalation_score,
         escalation_threshold=threshold,
     )
+
+
+def apply_split(
+    cfg: ClusterConfig,
+    decision: RouteDecision,
+    splits: dict[str, dict[str, int]],
+    current: dict[str, str],
+    key: str | None,
+    rng: random.Random | None = None,
+) -> RouteDecision:
+    """The version a named or routed request really goes to: a promoted current version
+    (from the traffic store) replaces the config's, and a traffic split picks among the
+    versions (sticky by ``key``). Pinned requests (``code@v2``) are left alone."""
+    if decision.reason == "pinned":
+        return decision
+    model = cfg.model(decision.model)
+    if model is None:
+        return decision
+    stable = current.get(model.name)
+    if stable is None or model.version(stable) is None:
+        stable = model.current.name
+    weights = splits.get(model.name)
+    version = stable
+    if weights and all(model.version(v) is not None for v in weights) and sum(weights.values()) == traffic.TOTAL:
+        version = traffic.pick(traffic.ordered(model, weights, stable=stable), model.name, key, rng)
+    return decision if version == decision.version else replace(decision, version=version)
 
 
 def listed_models(cfg: ClusterConfig) -> list[str]:

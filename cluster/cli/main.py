@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from importlib import metadata
 from typing import Sequence
 
-from cluster.cli import gate_cmd
+from cluster.cli import embedded_redis, gate_cmd
 from cluster.cli.ray_cluster import LocalCluster, RayClusterError
 from cluster.cli.report import app_view, progress_line, status_table
 from cluster.config import ClusterConfig
@@ -119,6 +120,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             _say(f"  - {p}")
         _say("Nothing was deployed. Lower the resources in the config, or start with more (--num-cpus/--num-gpus).")
         return EXIT_DOES_NOT_FIT
+    if cfg.redis.resolved_url(os.environ) is None:
+        # No Redis named: the embedded one, so traffic splits work out of the box.
+        redis, started_redis = embedded_redis.start(args.dashboard_port)
+        _say(f"{'Started' if started_redis else 'Using'} the embedded Redis at {redis.url} (data in {redis.directory})")
+        cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": redis.url})})
     _say(f"Deploying {len(cfg.deployments())} model deployments + router + gateway ({cpus:g} CPUs, {gpus:g} GPUs) ...")
     cluster.deploy(render_serve_config(cfg, host=host, port=port))
     code = _wait_until_running(cluster, cfg.name, args.timeout_s)
@@ -146,13 +152,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         config = (details["applications"][name].get("deployed_app_config") or {}).get("args", {}).get("config")
         if config:
             try:
-                problems = fit_problems(ClusterConfig.model_validate(config), cpus, gpus)
+                deployed: ClusterConfig | None = ClusterConfig.model_validate(config)
             except Exception:  # noqa: BLE001 - an app deployed by something else
-                problems = []
+                deployed = None
+            problems = fit_problems(deployed, cpus, gpus) if deployed is not None else []
             for p in problems:
                 _say(f"DOES NOT FIT: {p}")
             if problems:
                 worst = EXIT_DOES_NOT_FIT
+            if deployed is not None:
+                _say(_traffic_store_line(deployed))
         if any(r.waiting_for_resources for r in view.rows):
             worst = EXIT_DOES_NOT_FIT
         elif view.status != "RUNNING" and worst == EXIT_OK:
@@ -161,14 +170,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return worst
 
 
+def _traffic_store_line(cfg: ClusterConfig) -> str:
+    url = cfg.redis.resolved_url(os.environ)
+    if url is None:
+        return "traffic store: none (every model serves its current version)"
+    problem = embedded_redis.ping(url, cfg.redis.password(os.environ), cfg.redis.timeout_s)
+    shown = url.split("@")[-1]
+    if problem is None:
+        return f"traffic store: Redis at {shown} reachable"
+    return f"traffic store: Redis at {shown} UNREACHABLE ({problem}); gateways serve with the last split they read"
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     if cluster.dashboard_up():
         _say("Deleting Serve applications ...")
-        cluster.delete_applications()
+        try:
+            cluster.delete_applications()
+        except RayClusterError as err:
+            # A busy dashboard must not leave Ray and the embedded Redis running.
+            _say(f"  could not delete them ({err}); stopping anyway" if not args.keep_ray else f"  could not delete them ({err})")
+            if args.keep_ray:
+                return EXIT_FAILED
     if not args.keep_ray:
         _say("Stopping Ray ...")
         cluster.stop()
+        if embedded_redis.stop(args.dashboard_port):
+            _say("Stopped the embedded Redis (its data stays for the next `slmctl up`).")
     _say("Down.")
     return EXIT_OK
 

@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster import costing, policy, strategy
+from cluster import costing, policy, strategy, traffic
 from cluster.chat import route_query, to_generation_request
 from cluster.config import ClusterConfig
 from cluster.errors import (
@@ -35,11 +35,12 @@ from cluster.errors import (
 )
 from cluster.loader import format_loc
 from cluster.openai_schema import ChatCompletionRequest, models_body
-from cluster.routing import AUTO, decide_auto, listed_models, resolve_explicit
+from cluster.routing import AUTO, apply_split, decide_auto, listed_models, resolve_explicit
 from cluster.types import GenerationRequest, RouteDecision
 from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway.errors import error_response, to_slm_error
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
+from deployments.gateway.splits import SplitCache
 from deployments.gateway.streams import timed_chunks
 
 log = logging.getLogger("ray.serve")
@@ -80,9 +81,22 @@ class Gateway:
         self.router = router
         self.models = models
         self.clock = time.monotonic
-        self.api_keys = self._load_api_keys(env if env is not None else os.environ)
+        env = env if env is not None else os.environ
+        self.api_keys = self._load_api_keys(env)
         self.model_ids = listed_models(config)
         self.ensemble = Ensemble(config, self._open_call, self.clock)
+        self.splits = SplitCache(self._traffic_store(env), config.redis.poll_interval_s, self.clock)
+
+    def _traffic_store(self, env: Mapping[str, str]):  # type: ignore[no-untyped-def]
+        """The Redis traffic store when the config names one (``slmctl up`` names the
+        embedded one it starts); without one, every model serves its current version."""
+        url = self.config.redis.resolved_url(env)
+        if url is None:
+            return None
+        from cluster.traffic_store import RedisTrafficStore
+
+        r = self.config.redis
+        return RedisTrafficStore(url, prefix=r.key_prefix, password=r.password(env), timeout_s=r.timeout_s)
 
     def _open_call(self, decision: RouteDecision, request: GenerationRequest):  # type: ignore[no-untyped-def]
         return timed_chunks(self.models[decision.deployment_name], request, self.config.gateway, self.clock)
@@ -224,7 +238,12 @@ class Gateway:
             if screened.pii_types:
                 headers["x-slm-pii"] = ",".join(screened.pii_types)
             auto = wire.model == AUTO
-            first = decision = self._reachable(await self._decide(wire.model, gen), auto, screened)
+            self.splits.ensure_started()
+            routed = await self._decide(wire.model, gen)
+            snap = self.splits.snapshot  # from memory: the store is never on a request's path
+            key = traffic.request_key(wire.user, request.headers.get(traffic.SESSION_HEADER))
+            routed = apply_split(self.config, routed, snap.splits, snap.current, key)
+            first = decision = self._reachable(routed, auto, screened)
             plan = strategy.plan(
                 self.config, chosen, decision, auto=auto, screened=screened, budget_ms=budget, expected_ms=self.ensemble.expected_ms()
             )
@@ -271,6 +290,16 @@ class Gateway:
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/v1/slm/traffic")
+    async def traffic_status(self, request: Request) -> Response:
+        """This gateway's view of the traffic splits and of the store (for `slmctl status`)."""
+        try:
+            self._check_auth(request)
+        except SLMError as err:
+            return error_response(err)
+        self.splits.ensure_started()
+        return JSONResponse(self.splits.status())
 
     @api.get("/readyz")
     async def readyz(self) -> Response:

