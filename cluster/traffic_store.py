@@ -6,8 +6,11 @@ path: they poll ``snapshot()`` in the background and keep the last one they got
 (``deployments/gateway/splits.py``), so a store that goes away stops changes, not traffic.
 
 Redis layout, under the config's ``redis.key_prefix``: ``<prefix>:splits`` (hash: model ->
-JSON weights), ``<prefix>:current`` (hash: model -> promoted version) and
-``<prefix>:revision`` (a counter bumped by every write, so a reader can tell a change).
+JSON weights), ``<prefix>:current`` (hash: model -> promoted version),
+``<prefix>:revision`` (a counter bumped by every write, so a reader can tell a change),
+``<prefix>:rollouts`` (hash: model -> the rollout's state as JSON) and
+``<prefix>:fig:<model>:<version>:<unix second>`` (hash of per-second figure counts that
+every gateway adds into; they expire after FIGURES_TTL_S).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.errors import EngineUnavailableError
+from cluster.figures import Window
+
+# Per-second figures are kept this long (a rollout's analysis reads its last interval).
+FIGURES_TTL_S = 6 * 3600
 
 
 class TrafficStoreUnavailable(EngineUnavailableError):
@@ -39,6 +46,9 @@ class MemoryTrafficStore:
         self._splits: dict[str, dict[str, int]] = {}
         self._current: dict[str, str] = {}
         self._revision = 0
+        self._figures: dict[tuple[str, str, int], Window] = {}
+        self._rollouts: dict[str, dict] = {}
+        self._commands: list[dict] = []
 
     async def snapshot(self) -> TrafficSnapshot:
         return TrafficSnapshot(self._revision, {m: dict(w) for m, w in self._splits.items()}, dict(self._current))
@@ -54,6 +64,26 @@ class MemoryTrafficStore:
     async def set_current(self, model: str, version: str) -> None:
         self._current[model] = version
         self._revision += 1
+
+    async def add_figures(self, entries: list[tuple[str, str, int, Window]]) -> None:
+        for model, version, second, window in entries:
+            self._figures.setdefault((model, version, second), Window()).add(window)
+
+    async def read_figures(self, model: str, version: str, start_s: int, end_s: int) -> Window:
+        return Window.merged(w for (m, v, s), w in self._figures.items() if m == model and v == version and start_s <= s < end_s)
+
+    async def read_rollouts(self) -> dict[str, dict]:
+        return {m: json.loads(json.dumps(r)) for m, r in self._rollouts.items()}
+
+    async def write_rollout(self, model: str, rollout: dict) -> None:
+        self._rollouts[model] = json.loads(json.dumps(rollout))
+
+    async def push_command(self, command: dict) -> None:
+        self._commands.append(json.loads(json.dumps(command)))
+
+    async def pop_commands(self) -> list[dict]:
+        out, self._commands = self._commands, []
+        return out
 
     async def close(self) -> None:
         return None
@@ -114,6 +144,46 @@ class RedisTrafficStore:
         pipe.hset(self._key("current"), model, version)
         pipe.incr(self._key("revision"))
         await self._call(pipe.execute())
+
+    def _fig_key(self, model: str, version: str, second: int) -> str:
+        return self._key(f"fig:{model}:{version}:{second}")
+
+    async def add_figures(self, entries: list[tuple[str, str, int, Window]]) -> None:
+        """Add one gateway's per-second figures (HINCRBY, so gateways add up)."""
+        if not entries:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for model, version, second, window in entries:
+            key = self._fig_key(model, version, second)
+            for name, value in window.to_fields().items():
+                pipe.hincrby(key, name, value)
+            pipe.expire(key, FIGURES_TTL_S)
+        await self._call(pipe.execute())
+
+    async def read_figures(self, model: str, version: str, start_s: int, end_s: int) -> Window:
+        """One version's figures over the seconds [start_s, end_s), all gateways merged."""
+        pipe = self._client.pipeline(transaction=False)
+        for second in range(start_s, end_s):
+            pipe.hgetall(self._fig_key(model, version, second))
+        return Window.merged(Window.from_fields(f) for f in await self._call(pipe.execute()) if f)
+
+    async def read_rollouts(self) -> dict[str, dict]:
+        raw = await self._call(self._client.hgetall(self._key("rollouts")))
+        return {model: json.loads(value) for model, value in raw.items()}
+
+    async def write_rollout(self, model: str, rollout: dict) -> None:
+        await self._call(self._client.hset(self._key("rollouts"), model, json.dumps(rollout)))
+
+    async def push_command(self, command: dict) -> None:
+        """Queue an operator's command for the rollout controller (its only writer)."""
+        await self._call(self._client.rpush(self._key("rollout-commands"), json.dumps(command)))
+
+    async def pop_commands(self) -> list[dict]:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.lrange(self._key("rollout-commands"), 0, -1)
+        pipe.delete(self._key("rollout-commands"))
+        raw, _ = await self._call(pipe.execute())
+        return [json.loads(c) for c in raw]
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -17,7 +17,7 @@ from cluster.errors import ConfigError, SLMError
 from cluster.loader import PROFILES, load_config, resolve_config
 from cluster.overrides import with_remote_frontier
 from cluster.placement import fit_problems
-from cluster.serve_config import render_serve_config
+from cluster.serve_config import CONTROLLER_APP, render_serve_config
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_DOES_NOT_FIT = 0, 1, 2, 3
 
@@ -120,17 +120,52 @@ def cmd_up(args: argparse.Namespace) -> int:
             _say(f"  - {p}")
         _say("Nothing was deployed. Lower the resources in the config, or start with more (--num-cpus/--num-gpus).")
         return EXIT_DOES_NOT_FIT
-    if cfg.redis.resolved_url(os.environ) is None:
-        # No Redis named: the embedded one, so traffic splits work out of the box.
-        redis, started_redis = embedded_redis.start(args.dashboard_port)
-        _say(f"{'Started' if started_redis else 'Using'} the embedded Redis at {redis.url} (data in {redis.directory})")
-        cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": redis.url})})
+    cfg = _with_redis(cfg, args.dashboard_port)
     _say(f"Deploying {len(cfg.deployments())} model deployments + router + gateway ({cpus:g} CPUs, {gpus:g} GPUs) ...")
     cluster.deploy(render_serve_config(cfg, host=host, port=port))
     code = _wait_until_running(cluster, cfg.name, args.timeout_s)
     if code == EXIT_OK:
         _say(_ready_banner(cfg, host, port, cluster.dashboard_url))
     return code
+
+
+def _with_redis(cfg: ClusterConfig, dashboard_port: int) -> ClusterConfig:
+    """The config with a Redis: its own, else the cluster's embedded one (started if needed),
+    so traffic splits and rollouts work out of the box."""
+    if cfg.redis.resolved_url(os.environ) is not None:
+        return cfg
+    redis, started = embedded_redis.start(dashboard_port)
+    _say(f"{'Started' if started else 'Using'} the embedded Redis at {redis.url} (data in {redis.directory})")
+    return cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": redis.url})})
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Update the running application in place (the same Serve update a RayService spec
+    change makes): deployments whose settings did not change keep their replicas, changed
+    ones roll replica by replica, new versions start, and no request is dropped."""
+    cfg = resolve_config(profile=None, path=args.config)
+    cluster = _cluster(args)
+    if not cluster.dashboard_up():
+        _say(f"No Ray cluster answers at {cluster.dashboard_url}. Start one with `slmctl up`.")
+        return EXIT_FAILED
+    cpus, gpus = cluster.resources()
+    problems = fit_problems(cfg, cpus, gpus)
+    if problems and not args.skip_fit_check:
+        _say("The new plan does not fit this cluster; nothing changed:")
+        for p in problems:
+            _say(f"  - {p}")
+        return EXIT_DOES_NOT_FIT
+    details = cluster.serve_details()
+    running = (details.get("applications") or {}).get(cfg.name) or {}
+    old = (running.get("deployed_app_config") or {}).get("args", {}).get("config")
+    http = details.get("http_options") or {}
+    cfg = _with_redis(cfg, args.dashboard_port)
+    if old:
+        before = set(ClusterConfig.model_validate(old).deployment_names())
+        after = set(cfg.deployment_names())
+        _say(f"Updating {cfg.name} in place: adding {sorted(after - before) or 'nothing'}, removing {sorted(before - after) or 'nothing'}")
+    cluster.deploy(render_serve_config(cfg, host=http.get("host"), port=http.get("port")))
+    return _wait_until_running(cluster, cfg.name, args.timeout_s)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -150,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         assert view is not None
         _say(status_table(view))
         config = (details["applications"][name].get("deployed_app_config") or {}).get("args", {}).get("config")
-        if config:
+        if config and name != CONTROLLER_APP:  # the controller app carries the same config
             try:
                 deployed: ClusterConfig | None = ClusterConfig.model_validate(config)
             except Exception:  # noqa: BLE001 - an app deployed by something else
@@ -239,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--keep-ray", action="store_true", help="delete the application but leave Ray running")
     cluster_flags(down)
     down.set_defaults(func=cmd_down)
+
+    deploy = sub.add_parser("deploy", help="update the running application in place from a config (e.g. add code@v3)")
+    deploy.add_argument("--config", required=True, help="the new cluster config file")
+    deploy.add_argument("--timeout-s", type=float, default=900, help="give up waiting after this long (default 900)")
+    deploy.add_argument("--skip-fit-check", action="store_true", help="deploy even if the plan does not fit")
+    cluster_flags(deploy)
+    deploy.set_defaults(func=cmd_deploy)
 
     validate = sub.add_parser("validate", help="check cluster config files; name the file, field and reason of each error")
     validate.add_argument("files", nargs="+")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Protocol
 
 from cluster import costing, gate
 from cluster.config import ClusterConfig
@@ -40,10 +40,25 @@ from deployments.gateway.errors import to_slm_error
 Opener = Callable[[RouteDecision, GenerationRequest], AsyncIterator[GenerationChunk]]
 
 
+class CallObserver(Protocol):
+    """Told about every call's end and every gate verdict (the per-version figures)."""
+
+    def call_done(self, call: "Call") -> None: ...
+
+    def gated(self, call: "Call", passed: bool) -> None: ...
+
+
 class Call:
     """One model call, pumped in the background into a buffer."""
 
-    def __init__(self, decision: RouteDecision, chunks: AsyncIterator[GenerationChunk], clock: Callable[[], float], prompt_chars: int) -> None:
+    def __init__(
+        self,
+        decision: RouteDecision,
+        chunks: AsyncIterator[GenerationChunk],
+        clock: Callable[[], float],
+        prompt_chars: int,
+        observer: CallObserver | None = None,
+    ) -> None:
         self.decision = decision
         self.clock = clock
         self.started_at = clock()
@@ -56,6 +71,7 @@ class Call:
         self.error: SLMError | None = None
         self.cancelled = False
         self.prompt_chars = prompt_chars
+        self.observer = observer
         self._chunks = chunks
         self._changed = asyncio.Condition()
         self._task = asyncio.create_task(self._pump())
@@ -99,6 +115,8 @@ class Call:
                 await self._chunks.aclose()  # type: ignore[attr-defined]
             async with self._changed:
                 self._changed.notify_all()
+            if self.observer is not None:
+                self.observer.call_done(self)
 
     async def wait(self, ready: Callable[[], bool]) -> None:
         """Until ``ready()`` holds or the call is over."""
@@ -126,7 +144,10 @@ class Call:
 
     def gate_score(self, cfg: ClusterConfig) -> float:
         gcfg = cfg.strategy.gate
-        return gate.score(gate.features(self.logprobs, self.tokens, q=gcfg.quantile, finished=self.final is not None), gcfg)
+        value = gate.score(gate.features(self.logprobs, self.tokens, q=gcfg.quantile, finished=self.final is not None), gcfg)
+        if self.observer is not None:
+            self.observer.gated(self, gate.passes(value, gcfg.pass_bar))
+        return value
 
     async def replay(self) -> AsyncIterator[GenerationChunk]:
         """Every chunk from the first, the buffered ones then the live ones, up to the final
@@ -199,10 +220,11 @@ class Ensemble:
     """Executes plans. One per gateway replica: it owns the hedge budget and the live
     latency estimates, which outlive requests."""
 
-    def __init__(self, cfg: ClusterConfig, opener: Opener, clock: Callable[[], float]) -> None:
+    def __init__(self, cfg: ClusterConfig, opener: Opener, clock: Callable[[], float], observer: CallObserver | None = None) -> None:
         self.cfg = cfg
         self.opener = opener
         self.clock = clock
+        self.observer = observer
         race = cfg.strategy.race
         self.hedges = HedgeBudget(race.max_hedged_share, race.hedge_burst)
         priors = {f"{m.name}-{v.name}": v.latency_prior_ms for m, v in cfg.deployments()}
@@ -216,7 +238,7 @@ class Ensemble:
     def _open(self, decision: RouteDecision, requests: Callable[[RouteDecision], GenerationRequest]) -> Call:
         req = requests(decision)
         chars = sum(len(m.content) for m in req.messages)
-        return Call(decision, self._observed(decision, self.opener(decision, req)), self.clock, chars)
+        return Call(decision, self._observed(decision, self.opener(decision, req)), self.clock, chars, self.observer)
 
     async def _observed(self, decision: RouteDecision, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
         """The call's stream; a whole answer's latency feeds the deployment's estimate."""

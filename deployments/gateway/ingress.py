@@ -40,6 +40,7 @@ from cluster.types import GenerationRequest, RouteDecision
 from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway.errors import error_response, to_slm_error
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
+from deployments.gateway.figures import FigureRecorder
 from deployments.gateway.splits import SplitCache
 from deployments.gateway.streams import timed_chunks
 
@@ -84,8 +85,10 @@ class Gateway:
         env = env if env is not None else os.environ
         self.api_keys = self._load_api_keys(env)
         self.model_ids = listed_models(config)
-        self.ensemble = Ensemble(config, self._open_call, self.clock)
-        self.splits = SplitCache(self._traffic_store(env), config.redis.poll_interval_s, self.clock)
+        store = self._traffic_store(env)
+        self.figures = FigureRecorder(store)
+        self.ensemble = Ensemble(config, self._open_call, self.clock, self.figures)
+        self.splits = SplitCache(store, config.redis.poll_interval_s, self.clock)
 
     def _traffic_store(self, env: Mapping[str, str]):  # type: ignore[no-untyped-def]
         """The Redis traffic store when the config names one (``slmctl up`` names the
@@ -239,6 +242,7 @@ class Gateway:
                 headers["x-slm-pii"] = ",".join(screened.pii_types)
             auto = wire.model == AUTO
             self.splits.ensure_started()
+            self.figures.ensure_started()
             routed = await self._decide(wire.model, gen)
             snap = self.splits.snapshot  # from memory: the store is never on a request's path
             key = traffic.request_key(wire.user, request.headers.get(traffic.SESSION_HEADER))

@@ -86,3 +86,30 @@ def test_passwords_never_appear_in_messages() -> None:
 
     assert _redacted("redis://user:secret@host:6379/0") == "redis://***@host:6379/0"
     assert _redacted("redis://host:6379") == "redis://host:6379"
+
+
+async def test_figures_from_many_gateways_add_up_per_second(store) -> None:
+    from cluster.figures import Window
+
+    def window(requests: int, errors: int, latency_s: float) -> Window:
+        w = Window()
+        for i in range(requests):
+            w.record(ok=i >= errors, latency_s=latency_s, ttft_s=latency_s / 10, gate_passed=i % 2 == 0)
+        return w
+
+    # two gateways report the same seconds; another version and other seconds stay apart
+    await store.add_figures([("code", "v2", 100, window(10, 1, 0.5)), ("code", "v2", 101, window(5, 0, 0.5))])
+    await store.add_figures([("code", "v2", 100, window(10, 2, 2.0)), ("code", "v1", 100, window(7, 0, 0.1))])
+    await store.add_figures([("code", "v2", 103, window(50, 50, 9.0))])
+    got = await store.read_figures("code", "v2", 100, 103)
+    assert (got.requests, got.errors, got.gated, got.escalated) == (25, 3, 25, 12)
+    assert got.p95_latency_s() is not None and 2.0 <= got.p95_latency_s() < 2.3
+    assert (await store.read_figures("code", "v1", 100, 101)).requests == 7
+    assert (await store.read_figures("code", "v2", 0, 100)).requests == 0
+
+
+async def test_rollout_records(store) -> None:
+    assert await store.read_rollouts() == {}
+    await store.write_rollout("code", {"state": "progressing", "step": 0})
+    await store.write_rollout("code", {"state": "promoted", "step": 2})
+    assert await store.read_rollouts() == {"code": {"state": "promoted", "step": 2}}

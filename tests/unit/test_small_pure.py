@@ -151,9 +151,20 @@ def test_remote_frontier_override() -> None:
 def test_serve_config_carries_the_config_inline() -> None:
     cfg = load_profile("sim")
     rendered = render_serve_config(cfg, port=9000)
-    app = rendered["applications"][0]
+    [app] = rendered["applications"]  # no Redis named: no rollout controller
     assert app["import_path"] == IMPORT_PATH and rendered["http_options"]["port"] == 9000
     assert config_from_dict(app["args"]["config"]) == cfg
+
+
+def test_serve_config_adds_the_rollout_controller_when_there_is_a_redis() -> None:
+    from cluster.serve_config import CONTROLLER_APP, CONTROLLER_IMPORT_PATH
+
+    cfg = load_profile("sim")
+    cfg = cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": "redis://127.0.0.1:6380/0"})})
+    data, control = render_serve_config(cfg)["applications"]
+    assert data["import_path"] == IMPORT_PATH and data["route_prefix"] == "/"
+    assert (control["name"], control["import_path"], control["route_prefix"]) == (CONTROLLER_APP, CONTROLLER_IMPORT_PATH, None)
+    assert config_from_dict(control["args"]["config"]).redis.url == "redis://127.0.0.1:6380/0"
 
 
 DETAILS = {
