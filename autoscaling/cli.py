@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import asdict
 from typing import Any
+from urllib.parse import urlsplit
 
 from autoscaling import rollout as ro
 from cluster import traffic
@@ -32,6 +33,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--dashboard-port", type=int, default=8265, help="the local cluster's Ray dashboard port (default 8265)")
+        p.add_argument("--address", help="another cluster's Ray dashboard, e.g. http://10.0.0.5:8265 (wins over --dashboard-port)")
         p.add_argument("--redis-url", help="talk to this Redis instead of the one the running application names")
 
     start = csub.add_parser("start", help="roll MODEL out to a new version, step by step, with automatic analysis")
@@ -44,6 +46,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     start.add_argument("--max-escalation-ratio", type=float, default=1.5, help="largest gate escalation-rate ratio to stable (default 1.5)")
     start.add_argument("--min-requests", type=int, default=20, help="candidate requests needed before any judgement (default 20)")
     start.add_argument("--failure-limit", type=int, default=2, help="failed checks in a row that roll back (default 2)")
+    start.add_argument("--shadow", action="store_true",
+                       help="first mirror --shadow-share of the model's requests to the candidate (answers dropped) for one analysed step")
+    start.add_argument("--shadow-share", type=float, default=0.1, help="share of requests mirrored in the shadow phase (default 0.1)")
     common(start)
     start.set_defaults(func=cmd_start)
 
@@ -69,9 +74,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 # --- finding the cluster ----------------------------------------------------------------
 
 
+def _cluster(args: argparse.Namespace) -> LocalCluster:
+    if not args.address:
+        return LocalCluster(dashboard_port=args.dashboard_port)
+    parsed = urlsplit(args.address if "://" in args.address else f"http://{args.address}")
+    if not parsed.hostname:
+        raise InvalidRequestError(f"--address must be a dashboard URL such as http://10.0.0.5:8265, got {args.address!r}")
+    return LocalCluster(dashboard_port=parsed.port or 8265, host=parsed.hostname)
+
+
 def _deployed(args: argparse.Namespace) -> tuple[ClusterConfig, str]:
     """The running application's config and its Redis URL."""
-    cluster = LocalCluster(dashboard_port=args.dashboard_port)
+    cluster = _cluster(args)
     if not cluster.dashboard_up():
         raise InvalidRequestError(f"no Ray cluster answers at {cluster.dashboard_url}; start one with `slmctl up`")
     for name, app in (cluster.serve_details().get("applications") or {}).items():
@@ -83,6 +97,12 @@ def _deployed(args: argparse.Namespace) -> tuple[ClusterConfig, str]:
                 raise InvalidRequestError("the running application names no Redis; canaries need one (`slmctl up` starts it)")
             return cfg, url
     raise InvalidRequestError("no slm-cluster application is deployed; `slmctl up` first")
+
+
+def _deployment_status(args: argparse.Namespace, app: str, deployment: str) -> str:
+    details = _cluster(args).serve_details()
+    found = ((details.get("applications") or {}).get(app) or {}).get("deployments", {}).get(deployment)
+    return str(found.get("status", "UNKNOWN")) if found else "NOT DEPLOYED"
 
 
 def _store(cfg: ClusterConfig, url: str) -> RedisTrafficStore:
@@ -114,6 +134,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     model = _model(cfg, args.model)
     if model.version(args.version) is None:
         raise InvalidRequestError(f"{model.name} has no deployed version {args.version!r}; deployed: {', '.join(v.name for v in model.versions)}")
+    health = _deployment_status(args, cfg.name, f"{model.name}-{args.version}")
+    if health != "HEALTHY":
+        # A candidate that did not start is never given traffic: nothing is left half done.
+        raise InvalidRequestError(f"{model.name}@{args.version} is {health}, not HEALTHY; fix or redeploy it first (`slmctl status`)")
     try:
         steps = tuple(int(s) for s in args.steps.split(","))
     except ValueError:
@@ -131,7 +155,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             spec = ro.RolloutSpec(model=model.name, stable=stable, candidate=args.version, steps=steps, interval_s=args.interval_s,
                                   max_error_rate=args.max_error_rate, max_latency_ratio=args.max_latency_ratio,
                                   max_escalation_ratio=args.max_escalation_ratio, min_requests=args.min_requests,
-                                  failure_limit=args.failure_limit)
+                                  failure_limit=args.failure_limit, shadow=args.shadow, shadow_share=args.shadow_share)
             problems = spec.problems()
             if problems:
                 raise InvalidRequestError("; ".join(problems))
@@ -228,8 +252,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _describe(r: ro.Rollout) -> str:
     s = r.spec
-    lines = [f"{s.model}: {s.stable} -> {s.candidate}  {r.state}  step {r.step + 1}/{len(s.steps)}  weights "
-             + "  ".join(f"{v}={w}" for v, w in r.weights.items())]
+    lines = [f"{s.model}: {s.stable} -> {s.candidate}  {r.state}  step {r.step + 1}/{len(s.all_steps)}  weights "
+             + "  ".join(f"{v}={w}" for v, w in r.weights.items())
+             + (f"  shadow {s.shadow_share:.0%}" if r.shadowing else "")]
     if r.last is not None:
         checks = ", ".join(f"{c.name} {c.value:.3f} (max {c.limit:g}) {'ok' if c.ok else 'FAIL'}" for c in r.last.checks)
         lines.append(f"  last analysis: {r.last.verdict}" + (f": {checks}" if checks else "") + (f" ({r.last.reason})" if r.last.reason else ""))

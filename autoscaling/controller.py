@@ -62,6 +62,13 @@ class RolloutController:
                 changed.add(model)
                 log.info("rollout controller: %s: %s", model, rollouts[model].history[-1])
         snap = await self.store.snapshot()
+        for model, r in rollouts.items():  # shadow traffic only while a rollout's shadow phase runs
+            want = r.shadowing
+            have = snap.shadows.get(model)
+            if want and have != {"version": r.spec.candidate, "share": r.spec.shadow_share}:
+                await self.store.set_shadow(model, r.spec.candidate, r.spec.shadow_share)
+            elif not want and have is not None and have.get("version") == r.spec.candidate:
+                await self.store.clear_shadow(model)
         for model in changed:
             r = rollouts[model]
             await self.store.write_rollout(model, r.to_dict())

@@ -42,7 +42,16 @@ class RolloutSpec:
     max_escalation_ratio: float = 1.5  # the quality gate's escalation rate, where a gate ran
     min_requests: int = 20
     failure_limit: int = 2
+    # Shadow first: before any user gets the candidate, a share of the model's requests is
+    # also sent to it and its answers dropped; that phase is analysed like a step (its
+    # figures are the shadow calls'), and a pass starts the weighted steps.
     shadow: bool = False
+    shadow_share: float = 0.1
+
+    @property
+    def all_steps(self) -> tuple[int, ...]:
+        """The candidate's weight at each step: a 0% shadow phase first when ``shadow``."""
+        return ((0,) if self.shadow else ()) + tuple(self.steps)
 
     def problems(self) -> list[str]:
         out = []
@@ -60,6 +69,8 @@ class RolloutSpec:
             out.append("ratios must be above 0")
         if self.min_requests < 0 or self.failure_limit < 1:
             out.append("min_requests must be >= 0 and failure_limit >= 1")
+        if not 0 < self.shadow_share <= 1:
+            out.append("shadow_share must be within (0, 1]")
         return out
 
 
@@ -129,7 +140,7 @@ def analyse(spec: RolloutSpec, stable: Figures, candidate: Figures, now: float) 
 class Rollout:
     spec: RolloutSpec
     state: str
-    step: int  # index into spec.steps
+    step: int  # index into spec.all_steps
     step_started_at: float
     failures: int = 0  # failed checks in a row
     last: Analysis | None = None
@@ -141,7 +152,12 @@ class Rollout:
             return 100
         if self.state in (ROLLED_BACK, FAILED):
             return 0
-        return self.spec.steps[self.step]
+        return self.spec.all_steps[self.step]
+
+    @property
+    def shadowing(self) -> bool:
+        """Whether the candidate should get shadow traffic now (its shadow phase, running)."""
+        return self.state in RUNNING and self.spec.shadow and self.step == 0
 
     @property
     def weights(self) -> dict[str, int]:
@@ -177,7 +193,8 @@ def start(spec: RolloutSpec, now: float) -> Rollout:
     if problems:
         raise RolloutError(f"bad rollout for {spec.model}: " + "; ".join(problems))
     r = Rollout(spec, PROGRESSING, 0, now)
-    return r._note(now, f"started {spec.stable} -> {spec.candidate} at {spec.steps[0]}%")
+    first = f"shadow ({spec.shadow_share:.0%} of requests mirrored)" if spec.shadow else f"{spec.steps[0]}%"
+    return r._note(now, f"started {spec.stable} -> {spec.candidate} at {first}")
 
 
 def advance(r: Rollout, analysis: Analysis) -> Rollout:
@@ -194,10 +211,10 @@ def advance(r: Rollout, analysis: Analysis) -> Rollout:
                            failures=failures, last=analysis)
         return r._note(now, f"check failed at {r.candidate_weight}% ({failures}/{r.spec.failure_limit}): {analysis.reason}",
                        failures=failures, last=analysis, step_started_at=now)
-    if r.step == len(r.spec.steps) - 1:
+    if r.step == len(r.spec.all_steps) - 1:
         return r._note(now, f"promoted {r.spec.candidate}", state=PROMOTED, failures=0, last=analysis)
     nxt = r.step + 1
-    return r._note(now, f"passed at {r.candidate_weight}%; now {r.spec.steps[nxt]}%", step=nxt, failures=0, last=analysis,
+    return r._note(now, f"passed at {r.candidate_weight}%; now {r.spec.all_steps[nxt]}%", step=nxt, failures=0, last=analysis,
                    step_started_at=now)
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Protocol, Sequence, runtime_che
 from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest, RouteQuery, RouteScores
 
 if TYPE_CHECKING:
+    from cluster.figures import Window
     from cluster.traffic_store import TrafficSnapshot
 
 
@@ -54,8 +55,8 @@ class RouterModel(Protocol):
 
 
 class TrafficStore(Protocol):
-    """Holds the per-model traffic splits (model -> version -> weight) and promoted current
-    versions. ``cluster.traffic_store`` has the in-memory and Redis implementations; one
+    """Holds the per-model traffic splits (model -> version -> weight), promoted current
+    versions, shadow settings, rollouts with their command queue, and per-version figures. ``cluster.traffic_store`` has the in-memory and Redis implementations; one
     contract suite (``tests/contract/test_traffic_store.py``) runs both. A store that cannot
     be reached raises ``TrafficStoreUnavailable``."""
 
@@ -66,5 +67,21 @@ class TrafficStore(Protocol):
     async def clear_split(self, model: str) -> None: ...
 
     async def set_current(self, model: str, version: str) -> None: ...
+
+    async def set_shadow(self, model: str, version: str, share: float) -> None: ...
+
+    async def clear_shadow(self, model: str) -> None: ...
+
+    async def add_figures(self, entries: "list[tuple[str, str, int, Window]]") -> None: ...
+
+    async def read_figures(self, model: str, version: str, start_s: int, end_s: int) -> "Window": ...
+
+    async def read_rollouts(self) -> dict[str, dict]: ...
+
+    async def write_rollout(self, model: str, rollout: dict) -> None: ...
+
+    async def push_command(self, command: dict) -> None: ...
+
+    async def pop_commands(self) -> list[dict]: ...
 
     async def close(self) -> None: ...

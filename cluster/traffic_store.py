@@ -37,6 +37,7 @@ class TrafficSnapshot:
     revision: int
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     current: dict[str, str] = field(default_factory=dict)
+    shadows: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> {"version", "share"}
 
 
 class MemoryTrafficStore:
@@ -49,9 +50,19 @@ class MemoryTrafficStore:
         self._figures: dict[tuple[str, str, int], Window] = {}
         self._rollouts: dict[str, dict] = {}
         self._commands: list[dict] = []
+        self._shadows: dict[str, dict[str, Any]] = {}
 
     async def snapshot(self) -> TrafficSnapshot:
-        return TrafficSnapshot(self._revision, {m: dict(w) for m, w in self._splits.items()}, dict(self._current))
+        return TrafficSnapshot(self._revision, {m: dict(w) for m, w in self._splits.items()}, dict(self._current),
+                               {m: dict(x) for m, x in self._shadows.items()})
+
+    async def set_shadow(self, model: str, version: str, share: float) -> None:
+        self._shadows[model] = {"version": version, "share": share}
+        self._revision += 1
+
+    async def clear_shadow(self, model: str) -> None:
+        self._shadows.pop(model, None)
+        self._revision += 1
 
     async def write_split(self, model: str, weights: dict[str, int]) -> None:
         self._splits[model] = dict(weights)
@@ -120,28 +131,34 @@ class RedisTrafficStore:
         pipe.get(self._key("revision"))
         pipe.hgetall(self._key("splits"))
         pipe.hgetall(self._key("current"))
-        revision, splits, current = await self._call(pipe.execute())
+        pipe.hgetall(self._key("shadow"))
+        revision, splits, current, shadows = await self._call(pipe.execute())
         return TrafficSnapshot(
             int(revision or 0),
             {model: {v: int(w) for v, w in json.loads(raw).items()} for model, raw in splits.items()},
             dict(current),
+            {model: json.loads(raw) for model, raw in shadows.items()},
         )
 
+    async def set_shadow(self, model: str, version: str, share: float) -> None:
+        await self._changed(lambda pipe: pipe.hset(self._key("shadow"), model, json.dumps({"version": version, "share": share})))
+
+    async def clear_shadow(self, model: str) -> None:
+        await self._changed(lambda pipe: pipe.hdel(self._key("shadow"), model))
+
     async def write_split(self, model: str, weights: dict[str, int]) -> None:
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hset(self._key("splits"), model, json.dumps(weights, sort_keys=True))
-        pipe.incr(self._key("revision"))
-        await self._call(pipe.execute())
+        await self._changed(lambda pipe: pipe.hset(self._key("splits"), model, json.dumps(weights, sort_keys=True)))
 
     async def clear_split(self, model: str) -> None:
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hdel(self._key("splits"), model)
-        pipe.incr(self._key("revision"))
-        await self._call(pipe.execute())
+        await self._changed(lambda pipe: pipe.hdel(self._key("splits"), model))
 
     async def set_current(self, model: str, version: str) -> None:
+        await self._changed(lambda pipe: pipe.hset(self._key("current"), model, version))
+
+    async def _changed(self, write: Any) -> None:
+        """One write and a revision bump, atomically, so a reader can tell a change."""
         pipe = self._client.pipeline(transaction=True)
-        pipe.hset(self._key("current"), model, version)
+        write(pipe)
         pipe.incr(self._key("revision"))
         await self._call(pipe.execute())
 

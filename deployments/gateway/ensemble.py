@@ -235,6 +235,10 @@ class Ensemble:
 
     # --- calls ------------------------------------------------------------------------
 
+    def open_call(self, decision: RouteDecision, requests: Callable[[RouteDecision], GenerationRequest]) -> Call:
+        """One call outside any plan (shadow traffic): pumped and observed like the others."""
+        return self._open(decision, requests)
+
     def _open(self, decision: RouteDecision, requests: Callable[[RouteDecision], GenerationRequest]) -> Call:
         req = requests(decision)
         chars = sum(len(m.content) for m in req.messages)

@@ -41,6 +41,7 @@ from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway.errors import error_response, to_slm_error
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
 from deployments.gateway.figures import FigureRecorder
+from deployments.gateway.shadow import ShadowSender
 from deployments.gateway.splits import SplitCache
 from deployments.gateway.streams import timed_chunks
 
@@ -89,6 +90,7 @@ class Gateway:
         self.figures = FigureRecorder(store)
         self.ensemble = Ensemble(config, self._open_call, self.clock, self.figures)
         self.splits = SplitCache(store, config.redis.poll_interval_s, self.clock)
+        self.shadows = ShadowSender(config, self.ensemble)
 
     def _traffic_store(self, env: Mapping[str, str]):  # type: ignore[no-untyped-def]
         """The Redis traffic store when the config names one (``slmctl up`` names the
@@ -260,6 +262,11 @@ class Gateway:
                 return with_id(req, d, logprobs=gated)
 
             out = await self.ensemble.run(plan, call_request, stream=wire.stream, started_at=started_at)
+            shadow = self.shadows.target(snap, first)
+            if shadow is not None and policy.allowed(self.config, screened, shadow.model, shadow.version):
+                # after the user's own calls have started: fire and forget, answer dropped
+                self.shadows.send(shadow, lambda d: with_id(dataclasses.replace(call_request(d), request_id=f"{request_id}:shadow"), d,
+                                                             logprobs=True))
             decision = out.winner.decision
             headers.update(self._headers(decision, first))
             headers.update(self._outcome_headers(out))
@@ -303,7 +310,8 @@ class Gateway:
         except SLMError as err:
             return error_response(err)
         self.splits.ensure_started()
-        return JSONResponse(self.splits.status())
+        shadow = {"sent": self.shadows.sent, "skipped": self.shadows.skipped, "active": self.shadows.active}
+        return JSONResponse({**self.splits.status(), "shadow_calls": shadow})
 
     @api.get("/readyz")
     async def readyz(self) -> Response:

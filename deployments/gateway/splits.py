@@ -61,6 +61,7 @@ class SplitCache:
             "revision": self.snapshot.revision,
             "splits": self.snapshot.splits,
             "current": self.snapshot.current,
+            "shadows": self.snapshot.shadows,
             "age_s": None if self.last_ok is None else round(self.clock() - self.last_ok, 3),
         }
 

@@ -169,3 +169,31 @@ def test_redis_going_away_loses_no_request_and_keeps_the_split(client: httpx.Cli
     write_split(redis_server, {"v1": 100})
     wait_for_revision(client, lambda s: s["splits"].get("code") == {"v1": 100})
     assert set(versions(client, users)) == {"v1"}
+
+
+def test_shadow_traffic_never_changes_the_answer_and_is_recorded(client: httpx.Client, redis_server: RedisServer) -> None:
+    async def shadow(on: bool) -> None:
+        store = RedisTrafficStore(redis_server.url, prefix=PREFIX)
+        await store.write_split("code", {"v1": 100})
+        if on:
+            await store.set_shadow("code", "v3", 1.0)
+        else:
+            await store.clear_shadow("code")
+        await store.close()
+
+    async def figures(start: int) -> tuple[int, int]:
+        store = RedisTrafficStore(redis_server.url, prefix=PREFIX)
+        v3 = await store.read_figures("code", "v3", start, int(time.time()) + 1)
+        await store.close()
+        return v3.requests, v3.gated
+
+    asyncio.run(shadow(True))
+    wait_for_revision(client, lambda s: s["shadows"].get("code", {}).get("version") == "v3")
+    start = int(time.time())
+    before = client.get("/v1/slm/traffic").json()["shadow_calls"]["sent"]
+    assert set(versions(client, [f"sh-{i}" for i in range(12)])) == {"v1"}  # users keep v1's answers
+    time.sleep(2.5)  # the gateway adds finished seconds into Redis once a second
+    requests, gated = asyncio.run(figures(start))
+    assert requests >= 10 and gated == requests  # every shadow call recorded, gate verdict included
+    assert client.get("/v1/slm/traffic").json()["shadow_calls"]["sent"] - before >= 10
+    asyncio.run(shadow(False))

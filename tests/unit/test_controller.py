@@ -100,3 +100,23 @@ async def test_too_few_requests_waits() -> None:
     clock.now += 11  # an interval without traffic
     r = (await ctl.tick())["code"]
     assert r.state == "progressing" and r.step == 0 and r.last.verdict == "wait"
+
+
+async def test_the_shadow_phase_mirrors_then_stops() -> None:
+    from dataclasses import replace
+
+    store, clock = MemoryTrafficStore(), Clock()
+    ctl = RolloutController(store, clock)
+    spec = replace(SPEC, shadow=True, shadow_share=0.25)
+    await store.push_command({"op": "start", "model": "code", "spec": asdict(spec)})
+    await ctl.tick()
+    snap = await store.snapshot()
+    assert snap.shadows == {"code": {"version": "v2", "share": 0.25}} and snap.splits["code"] == {"v2": 0, "v1": 100}
+    # the shadow calls' figures judge the phase (the gateways record them under v2)
+    for _ in range(10):
+        s = int(clock.now)
+        await store.add_figures([("code", "v1", s, second(10)), ("code", "v2", s, second(3))])
+        clock.now += 1
+    r = (await ctl.tick())["code"]
+    snap = await store.snapshot()
+    assert r.step == 1 and snap.shadows == {} and snap.splits["code"] == {"v2": 20, "v1": 80}

@@ -36,3 +36,13 @@ def test_start_reuse_stop_and_keep_the_data(state) -> None:
 def test_ping_reports_an_unreachable_redis() -> None:
     why = er.ping("redis://127.0.0.1:1/0", timeout_s=0.2)
     assert why is not None and "Connection" in why
+
+
+def test_status_line_says_when_the_traffic_store_is_unreachable() -> None:
+    from cluster.cli.main import _traffic_store_line
+    from cluster.loader import config_from_dict
+
+    base = {"models": [{"name": "general", "role": "general", "versions": [{"name": "v1", "engine": {"kind": "fake"}}]}]}
+    assert "none" in _traffic_store_line(config_from_dict(base))
+    line = _traffic_store_line(config_from_dict({**base, "redis": {"url": "redis://user:pw@127.0.0.1:1/0", "timeout_s": 0.2}}))
+    assert "UNREACHABLE" in line and "pw" not in line

@@ -157,3 +157,18 @@ def test_round_trip_through_a_dict() -> None:
     r = ro.advance(ro.start(SPEC, 0), analysis(Figures(requests=100, errors=30), now=60))
     again = ro.Rollout.from_dict(r.to_dict())
     assert again == r
+
+
+def test_a_shadow_phase_comes_first_at_zero_weight() -> None:
+    from dataclasses import replace
+
+    spec = replace(SPEC, shadow=True, shadow_share=0.2)
+    r = ro.start(spec, 0)
+    assert r.shadowing and r.weights == {"v2": 0, "v1": 100} and spec.all_steps == (0, 10, 50, 100)
+    r = ro.advance(r, analysis(HEALTHY, now=60, spec=spec))  # judged on the shadow calls' figures
+    assert not r.shadowing and r.weights == {"v2": 10, "v1": 90}
+    bad = ro.advance(ro.start(spec, 0), analysis(Figures(requests=50, errors=50), now=60, spec=spec))
+    assert bad.shadowing and bad.failures == 1  # still shadowing until the failure limit
+    assert ro.abort(bad, 70).shadowing is False
+    with pytest.raises(ro.RolloutError, match="shadow_share"):
+        ro.start(replace(spec, shadow_share=0), 0)
