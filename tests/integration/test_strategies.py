@@ -44,7 +44,8 @@ def _config(name: str, frontier: dict, **extra: Any) -> dict:
                 "name": "code",
                 "role": "specialist",
                 "domains": ["code"],
-                "versions": [_fake("sure"), _fake("unsure", unsure_share=1.0), _fake("broken", failure_rate=1.0)],
+                "versions": [_fake("sure"), _fake("unsure", unsure_share=1.0), _fake("broken", failure_rate=1.0),
+                             _fake("slowsure", ttft_ms=400)],
             },
             {"name": "general", "role": "general", "versions": [_fake("v1")]},
             {"name": "frontier", "role": "frontier", "versions": [frontier]},
@@ -241,9 +242,11 @@ def test_race_cancels_the_fake_frontier_in_its_engine(base_url: str) -> None:
 
 
 def test_race_cancels_the_remote_openai_frontier_upstream(base_url: str, upstream: OpenAIUpstream) -> None:
+    # The small answer takes 0.4 s: long enough for the frontier's request to reach the
+    # upstream even on a busy machine, short of the upstream's 1.1 s answer.
     before_requests, before_gone = upstream.requests, upstream.disconnected
-    headers, _, model = ask(base_url, "code@sure", "race", prefix="/remote")
-    assert model == "code@sure" and headers["x-slm-cancelled"] == "frontier-v1"
+    headers, _, model = ask(base_url, "code@slowsure", "race", prefix="/remote")
+    assert model == "code@slowsure" and headers["x-slm-cancelled"] == "frontier-v1"
     assert wait_for(lambda: upstream.disconnected > before_gone)
     assert upstream.requests == before_requests + 1 and upstream.disconnected == before_gone + 1
 

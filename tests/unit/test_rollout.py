@@ -39,6 +39,12 @@ def test_analyse(candidate: Figures, verdict: str, failed: list[str]) -> None:
     assert [c.name for c in a.checks if not c.ok] == failed
 
 
+def test_latencies_under_50_ms_are_not_judged_by_ratio() -> None:
+    stable = Figures(requests=100, p95_latency_s=0.0015, p95_ttft_s=0.001)
+    assert analysis(Figures(requests=100, p95_latency_s=0.003, p95_ttft_s=0.004), stable).verdict == "pass"
+    assert analysis(Figures(requests=100, p95_latency_s=0.2, p95_ttft_s=0.004), stable).verdict == "fail"
+
+
 def test_a_stable_figure_of_zero_is_floored() -> None:
     stable = Figures(requests=100, gated=100, escalated=0)
     a = analysis(Figures(requests=100, gated=100, escalated=1), stable)  # 1% against 0%: ratio 1.0 with the 1% floor
