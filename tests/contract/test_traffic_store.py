@@ -113,3 +113,35 @@ async def test_rollout_records(store) -> None:
     await store.write_rollout("code", {"state": "progressing", "step": 0})
     await store.write_rollout("code", {"state": "promoted", "step": 2})
     assert await store.read_rollouts() == {"code": {"state": "promoted", "step": 2}}
+
+
+async def test_a_password_protected_redis(tmp_path) -> None:
+    """The config names the env var that holds the password; without it the store gets a
+    typed error, never a hang."""
+    import subprocess
+    import time
+
+    from cluster.cli.embedded_redis import redis_binary
+    from cluster.config import RedisConfig
+
+    sock = tmp_path / "auth.sock"
+    server = subprocess.Popen([redis_binary(), "--port", "0", "--unixsocket", str(sock), "--requirepass", "s3cret", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"unix://{sock}"
+        cfg = RedisConfig(url=url, password_env="SLM_TEST_REDIS_PASSWORD")
+        good = RedisTrafficStore(cfg.resolved_url({}), password=cfg.password({"SLM_TEST_REDIS_PASSWORD": "s3cret"}))
+        await good.write_split("code", {"v1": 100})
+        assert (await good.snapshot()).splits == {"code": {"v1": 100}}
+        await good.close()
+        bad = RedisTrafficStore(url, password=cfg.password({}))
+        with pytest.raises(TrafficStoreUnavailable) as err:
+            await bad.snapshot()
+        assert "s3cret" not in err.value.message
+        await bad.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
