@@ -84,23 +84,28 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
 
 
 def _deployed(args: argparse.Namespace) -> tuple[ClusterConfig, str]:
-    """The running application's config and its Redis URL."""
+    cfg, url, _ = _deployed_with_details(args)
+    return cfg, url
+
+
+def _deployed_with_details(args: argparse.Namespace) -> tuple[ClusterConfig, str, dict[str, Any]]:
+    """The running application's config, its Redis URL, and Serve's status of every app."""
     cluster = _cluster(args)
     if not cluster.dashboard_up():
         raise InvalidRequestError(f"no Ray cluster answers at {cluster.dashboard_url}; start one with `slmctl up`")
-    for name, app in (cluster.serve_details().get("applications") or {}).items():
+    details = cluster.serve_details()
+    for name, app in (details.get("applications") or {}).items():
         config = (app.get("deployed_app_config") or {}).get("args", {}).get("config")
         if name != CONTROLLER_APP and config:
             cfg = ClusterConfig.model_validate(config)
             url = args.redis_url or cfg.redis.resolved_url(os.environ)
             if url is None:
                 raise InvalidRequestError("the running application names no Redis; canaries need one (`slmctl up` starts it)")
-            return cfg, url
+            return cfg, url, details
     raise InvalidRequestError("no slm-cluster application is deployed; `slmctl up` first")
 
 
-def _deployment_status(args: argparse.Namespace, app: str, deployment: str) -> str:
-    details = _cluster(args).serve_details()
+def _deployment_status(details: dict[str, Any], app: str, deployment: str) -> str:
     found = ((details.get("applications") or {}).get(app) or {}).get("deployments", {}).get(deployment)
     return str(found.get("status", "UNKNOWN")) if found else "NOT DEPLOYED"
 
@@ -130,11 +135,11 @@ async def _wait_for(store: RedisTrafficStore, model: str, done, what: str) -> di
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    cfg, url = _deployed(args)
+    cfg, url, details = _deployed_with_details(args)
     model = _model(cfg, args.model)
     if model.version(args.version) is None:
         raise InvalidRequestError(f"{model.name} has no deployed version {args.version!r}; deployed: {', '.join(v.name for v in model.versions)}")
-    health = _deployment_status(args, cfg.name, f"{model.name}-{args.version}")
+    health = _deployment_status(details, cfg.name, f"{model.name}-{args.version}")
     if health != "HEALTHY":
         # A candidate that did not start is never given traffic: nothing is left half done.
         raise InvalidRequestError(f"{model.name}@{args.version} is {health}, not HEALTHY; fix or redeploy it first (`slmctl status`)")

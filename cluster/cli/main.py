@@ -113,12 +113,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not started:
         _say("  a Ray cluster is already running there; deploying onto it")
     cpus, gpus = cluster.resources()
-    problems = fit_problems(cfg, cpus, gpus)
-    if problems and not args.skip_fit_check:
-        _say("The plan does not fit this cluster:")
-        for p in problems:
-            _say(f"  - {p}")
-        _say("Nothing was deployed. Lower the resources in the config, or start with more (--num-cpus/--num-gpus).")
+    if _unfit(cfg, cpus, gpus, args.skip_fit_check, "The plan does not fit this cluster:",
+              "Nothing was deployed. Lower the resources in the config, or start with more (--num-cpus/--num-gpus)."):
         return EXIT_DOES_NOT_FIT
     cfg = _with_redis(cfg, args.dashboard_port)
     _say(f"Deploying {len(cfg.deployments())} model deployments + router + gateway ({cpus:g} CPUs, {gpus:g} GPUs) ...")
@@ -127,6 +123,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     if code == EXIT_OK:
         _say(_ready_banner(cfg, host, port, cluster.dashboard_url))
     return code
+
+
+def _unfit(cfg: ClusterConfig, cpus: float, gpus: float, skip: bool, header: str, footer: str | None = None) -> bool:
+    """Say why the plan does not fit (unless the check is skipped); True when it refuses."""
+    problems = fit_problems(cfg, cpus, gpus)
+    if not problems or skip:
+        return False
+    _say(header)
+    for p in problems:
+        _say(f"  - {p}")
+    if footer:
+        _say(footer)
+    return True
 
 
 def _with_redis(cfg: ClusterConfig, dashboard_port: int) -> ClusterConfig:
@@ -149,11 +158,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         _say(f"No Ray cluster answers at {cluster.dashboard_url}. Start one with `slmctl up`.")
         return EXIT_FAILED
     cpus, gpus = cluster.resources()
-    problems = fit_problems(cfg, cpus, gpus)
-    if problems and not args.skip_fit_check:
-        _say("The new plan does not fit this cluster; nothing changed:")
-        for p in problems:
-            _say(f"  - {p}")
+    if _unfit(cfg, cpus, gpus, args.skip_fit_check, "The new plan does not fit this cluster; nothing changed:"):
         return EXIT_DOES_NOT_FIT
     details = cluster.serve_details()
     running = (details.get("applications") or {}).get(cfg.name) or {}
