@@ -51,6 +51,9 @@ class VLLMEngineConfig(Strict):
     max_model_len: int | None = Field(None, ge=16, description="Context length cap in tokens; the model's when null.")
     dtype: str = Field("auto", description="Weights dtype passed to vLLM.")
     quantization: str | None = Field(None, description="Quantization method passed to vLLM (awq, gptq, fp8, ...).")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="Most sequences vLLM runs at once; the capacity planner sizes the KV cache for this many (vLLM's default when null)."
+    )
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start, slower decode).")
     extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="Further AsyncEngineArgs fields, passed through.")
 
@@ -61,6 +64,9 @@ class SGLangEngineConfig(Strict):
     tp_size: int = Field(1, ge=1, description="Tensor parallel size.")
     mem_fraction_static: float = Field(0.85, gt=0, le=1, description="Share of GPU memory for weights and KV cache.")
     context_length: int | None = Field(None, ge=16, description="Context length cap in tokens; the model's when null.")
+    max_running_requests: int | None = Field(
+        None, ge=1, description="Most requests SGLang runs at once; the capacity planner sizes the KV cache for this many (SGLang's default when null)."
+    )
     dtype: str = Field("auto", description="Weights dtype passed to SGLang.")
     extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="Further ServerArgs fields, passed through.")
 
@@ -119,13 +125,45 @@ class ResourcesConfig(Strict):
         return options
 
 
+# The control plane's Serve policy, named by dotted path only: the data plane builds the
+# deployments and must not import ``autoscaling`` (Serve imports it in the controller).
+LLM_POLICY_PATH = "autoscaling.serve_policy:LLMPolicy"
+
+
 class AutoscalingConfig(Strict):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero).")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time; min_replicas when null.")
     max_replicas: int = Field(1, ge=1, description="Most replicas.")
-    target_ongoing_requests: float = Field(4.0, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Ongoing requests per replica the autoscaler aims for (under llm: waiting plus running per replica)."
+    )
     upscale_delay_s: float = Field(10.0, ge=0, description="How long load must stay high before adding replicas.")
     downscale_delay_s: float = Field(120.0, ge=0, description="How long load must stay low before removing replicas.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="How long a replica must stay idle before the last one goes (min_replicas 0); downscale_delay_s when null."
+    )
+    policy: Literal["default", "llm"] = Field(
+        "default",
+        description="default: Serve's own policy on ongoing requests. llm: the LLM-aware policy (autoscaling.serve_policy) "
+        "on waiting plus running requests, generated tokens per second and time to first token, with hysteresis.",
+    )
+    ttft_slo_ms: float | None = Field(
+        None, gt=0, description="llm: the replicas' p90 time to first token to stay under; over it, while requests wait, "
+        "replicas are added. Null: not a signal."
+    )
+    target_tokens_per_s: float | None = Field(
+        None, gt=0, description="llm: completion tokens per second one replica should produce at most (its capacity at a "
+        "good latency); tokens/s over this asks for more replicas. Null: not a signal."
+    )
+    scale_down_utilization: float = Field(
+        0.7, gt=0, le=1, description="llm hysteresis: replicas are removed only while the load would fill the fewer replicas "
+        "to at most this share of their targets, so one request more does not scale straight back up."
+    )
+    look_back_period_s: float = Field(30.0, gt=0, description="The window over which Serve averages the load figures.")
+    metrics_interval_s: float | None = Field(
+        None, gt=0, description="How often replicas and callers push load figures to Serve's controller; Serve's 10 s when null. "
+        "Ray 2.60 marks this knob deprecated (a warning) but has no other for the replicas' push."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":
@@ -134,16 +172,43 @@ class AutoscalingConfig(Strict):
             raise ValueError(
                 f"need min_replicas <= initial_replicas <= max_replicas, got {self.min_replicas} <= {initial} <= {self.max_replicas}"
             )
+        if self.metrics_interval_s is not None and self.metrics_interval_s >= self.look_back_period_s:
+            raise ValueError(f"need metrics_interval_s < look_back_period_s, got {self.metrics_interval_s} >= {self.look_back_period_s}")
         return self
 
     def serve_options(self) -> dict[str, Any]:
-        return {
+        """Serve's ``autoscaling_config``. Under ``llm`` the policy owns every delay (its pure
+        decision is tested with a clock), so Serve's own delay logic, which wraps custom
+        policies too, is set to act at once."""
+        opts: dict[str, Any] = {
             "min_replicas": self.min_replicas,
             "initial_replicas": self.min_replicas if self.initial_replicas is None else self.initial_replicas,
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
             "upscale_delay_s": self.upscale_delay_s,
             "downscale_delay_s": self.downscale_delay_s,
+        }
+        if self.downscale_to_zero_delay_s is not None:
+            opts["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
+        if self.look_back_period_s != 30.0:
+            opts["look_back_period_s"] = self.look_back_period_s
+        if self.metrics_interval_s is not None:
+            opts["metrics_interval_s"] = self.metrics_interval_s
+        if self.policy == "llm":
+            opts.update(upscale_delay_s=0.0, downscale_delay_s=0.0, downscale_to_zero_delay_s=0.0)
+            opts["policy"] = {"policy_function": LLM_POLICY_PATH, "policy_kwargs": self.policy_kwargs()}
+        return opts
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        """What ``autoscaling.serve_policy.LLMPolicy`` is built with (JSON, as Serve requires)."""
+        return {
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "target_tokens_per_s": self.target_tokens_per_s,
+            "ttft_slo_ms": self.ttft_slo_ms,
+            "scale_down_utilization": self.scale_down_utilization,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "downscale_to_zero_delay_s": self.downscale_delay_s if self.downscale_to_zero_delay_s is None else self.downscale_to_zero_delay_s,
         }
 
 
@@ -347,6 +412,19 @@ class RedisConfig(Strict):
         return env.get(self.password_env) if self.password_env else None
 
 
+class ModelShapeConfig(Strict):
+    """What the capacity planner needs to know of a model (from its config.json on the hub)."""
+
+    params_b: float = Field(gt=0, description="Parameters in billions (all experts of an MoE: they all sit in memory).")
+    layers: int = Field(ge=1, description="Transformer layers (num_hidden_layers).")
+    kv_heads: int = Field(ge=1, description="Key/value heads per layer (num_key_value_heads; fewer than the query heads under GQA).")
+    head_dim: int = Field(ge=1, description="Size of one attention head (head_dim, or hidden_size / num_attention_heads).")
+    weight_bytes_per_param: float | None = Field(
+        None, gt=0, description="Bytes per weight; derived from the engine's quantization or dtype when null (e.g. 1 for FP8 checkpoints)."
+    )
+    max_context_tokens: int | None = Field(None, ge=16, description="The model's own context length, used when the engine sets none.")
+
+
 class ClusterConfig(Strict):
     name: Name = Field("slm", description="Serve application name.")
     models: tuple[ModelConfig, ...] = Field(min_length=1, description="Every model of the ensemble.")
@@ -355,6 +433,11 @@ class ClusterConfig(Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Where traffic splits live.")
     strategy: StrategyConfig = Field(default_factory=StrategyConfig, description="How the ensemble answers: route, cascade or race.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Where each request's data may go.")
+    model_shapes: dict[str, ModelShapeConfig] = Field(
+        default_factory=dict,
+        description="Shapes of the engines' models, keyed by the engine's model id (vllm model, sglang model_path), "
+        "for the capacity planner (`slmctl plan`).",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ClusterConfig":

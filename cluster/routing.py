@@ -12,7 +12,7 @@ from dataclasses import replace
 from cluster import traffic
 from cluster.config import ClusterConfig
 from cluster.errors import ModelNotFoundError
-from cluster.types import RouteDecision, RouteScores
+from cluster.types import RouteDecision, RouteScores, deployment_name
 
 AUTO = "auto"
 
@@ -57,6 +57,26 @@ def decide_auto(cfg: ClusterConfig, scores: RouteScores) -> RouteDecision:
         escalation_score=scores.escalation_score,
         escalation_threshold=threshold,
     )
+
+
+COLD_REASON = "general:specialist-cold"
+
+
+def cover_cold(cfg: ClusterConfig, decision: RouteDecision, cold: frozenset[str] | set[str]) -> RouteDecision:
+    """An ``auto`` request routed to a specialist deployment with no running replica goes
+    to the general model instead (reason ``general:specialist-cold``), so that no request
+    waits for a cold start it did not ask for; the caller warms the specialist up.
+
+    ``cold`` holds deployment names (``math-v1``). Named and pinned requests, and routes
+    that are not a specialist's domain, are left alone; so is everything when the general
+    model is cold too (someone has to start, and the specialist was the router's choice).
+    """
+    if not decision.reason.startswith("domain:") or decision.deployment_name not in cold:
+        return decision
+    general = cfg.general
+    if deployment_name(general.name, general.current.name) in cold:
+        return decision
+    return replace(decision, model=general.name, version=general.current.name, reason=COLD_REASON)
 
 
 def apply_split(

@@ -12,6 +12,7 @@ import os
 from typing import Any, AsyncIterator
 
 from cluster.config import ModelVersionConfig
+from cluster.load_signals import LoadTracker
 from cluster.types import GenerationChunk, GenerationRequest
 from deployments.engines import create_engine
 from deployments.stream_batching import batched_chunks
@@ -24,6 +25,8 @@ class ModelServer:
         self.model = model
         self.version = version
         self.engine = create_engine(version.engine, system_prompt=version.system_prompt)
+        # The LLM load signals for the autoscaler, counted here so every engine reports them.
+        self.load = LoadTracker()
         log.info("model server %s@%s: starting %s engine", model, version.name, version.engine.kind)
         # A failed start raises here, so Serve reports the deployment unhealthy with the
         # typed error's message instead of serving from a half-loaded engine.
@@ -35,11 +38,23 @@ class ModelServer:
         Serve cancels this generator when the caller goes away; that closes the engine's
         iterator, which aborts the generation."""
         batches = batched_chunks(self.engine.generate(request), self.version.stream_batch_interval_ms / 1000)
+        gen = self.load.start()
+        usage = None
         try:
             async for batch in batches:
+                # A chunk with text is at least one token; the final usage tops up the rest.
+                self.load.tokens(gen, sum(max(1, len(c.logprobs)) for c in batch if c.text))
+                usage = next((c.usage for c in batch if c.usage is not None), usage)
                 yield batch
         finally:
+            self.load.finish(gen, usage.completion_tokens if usage is not None else None)
             await batches.aclose()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve calls this on every replica and hands the figures to the deployment's
+        autoscaling policy (``autoscaling.serve_policy``): waiting, running, tokens/s and
+        p90 time to first token (``cluster.load_signals``)."""
+        return self.load.snapshot()
 
     async def check_health(self) -> None:
         await self.engine.check_health()

@@ -35,8 +35,8 @@ from cluster.errors import (
 )
 from cluster.loader import format_loc
 from cluster.openai_schema import ChatCompletionRequest, models_body
-from cluster.routing import AUTO, apply_split, decide_auto, listed_models, resolve_explicit
-from cluster.types import GenerationRequest, RouteDecision
+from cluster.routing import AUTO, COLD_REASON, apply_split, cover_cold, decide_auto, listed_models, resolve_explicit
+from cluster.types import GenerationRequest, RouteDecision, deployment_name
 from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway.errors import error_response, to_slm_error
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
@@ -44,6 +44,7 @@ from deployments.gateway.figures import FigureRecorder
 from deployments.gateway.shadow import ShadowSender
 from deployments.gateway.splits import SplitCache
 from deployments.gateway.streams import timed_chunks
+from deployments.gateway.warmth import Warmth, serve_replica_counts
 
 log = logging.getLogger("ray.serve")
 
@@ -91,6 +92,24 @@ class Gateway:
         self.ensemble = Ensemble(config, self._open_call, self.clock, self.figures)
         self.splits = SplitCache(store, config.redis.poll_interval_s, self.clock)
         self.shadows = ShadowSender(config, self.ensemble)
+        self.warmth = self._warmth()
+
+    def _warmth(self) -> Warmth:
+        """Watches the deployments that may scale to zero (none: no poller runs)."""
+        watched = {}
+        for model, version in self.config.deployments():
+            auto = version.autoscaling
+            if auto.min_replicas == 0:
+                initial = auto.min_replicas if auto.initial_replicas is None else auto.initial_replicas
+                watched[deployment_name(model.name, version.name)] = initial == 0
+        app = serve.get_replica_context().app_name if watched else ""
+        return Warmth(watched, self.models, serve_replica_counts(app))
+
+    async def __del__(self) -> None:
+        """Serve awaits this when it stops the replica: the background pollers and warm-ups
+        end with it rather than outliving it (no untracked background tasks)."""
+        await self.warmth.close()
+        await self.splits.close()
 
     def _traffic_store(self, env: Mapping[str, str]):  # type: ignore[no-untyped-def]
         """The Redis traffic store when the config names one (``slmctl up`` names the
@@ -249,6 +268,11 @@ class Gateway:
             snap = self.splits.snapshot  # from memory: the store is never on a request's path
             key = traffic.request_key(wire.user, request.headers.get(traffic.SESSION_HEADER))
             routed = apply_split(self.config, routed, snap.splits, snap.current, key)
+            self.warmth.ensure_started()
+            covered = cover_cold(self.config, routed, self.warmth.cold)  # from memory, like the split
+            if covered.reason == COLD_REASON:
+                self.warmth.warm_up(routed.deployment_name)
+                routed = apply_split(self.config, covered, snap.splits, snap.current, key)
             first = decision = self._reachable(routed, auto, screened)
             plan = strategy.plan(
                 self.config, chosen, decision, auto=auto, screened=screened, budget_ms=budget, expected_ms=self.ensemble.expected_ms()
@@ -311,13 +335,18 @@ class Gateway:
             return error_response(err)
         self.splits.ensure_started()
         shadow = {"sent": self.shadows.sent, "skipped": self.shadows.skipped, "active": self.shadows.active}
-        return JSONResponse({**self.splits.status(), "shadow_calls": shadow})
+        return JSONResponse({**self.splits.status(), "shadow_calls": shadow, "warmth": self.warmth.status()})
 
     @api.get("/readyz")
     async def readyz(self) -> Response:
         names = list(self.models)
 
+        self.warmth.ensure_started()
+
         async def probe(name: str) -> dict[str, Any]:
+            if name in self.warmth.cold:
+                # Scaled to zero on purpose: probing would start a replica (and wait for it).
+                return {"deployment": name, "ready": True, "replicas": 0}
             try:
                 info = await asyncio.wait_for(_await(self.models[name].ready.remote()), 5.0)
                 return {"deployment": name, "ready": True, "gpu_ids": info.get("gpu_ids", [])}
