@@ -32,6 +32,10 @@ def cross_field_issues(cfg: "ClusterConfig") -> list[tuple[str, str]]:
         if model.role == "specialist" and "general" in model.domains:
             issues.append((f"{where}.domains", "the general domain belongs to the general model, not a specialist"))
 
+    for i, model in enumerate(cfg.models):
+        for j, version in enumerate(model.versions):
+            issues.extend(_gpu_issues(f"models[{i}].versions[{j}]", version))
+
     generals = [m.name for m in cfg.models if m.role == "general"]
     if len(generals) != 1:
         issues.append(("models", f"exactly one model must have role general, found {len(generals)}: {generals}"))
@@ -57,3 +61,27 @@ def cross_field_issues(cfg: "ClusterConfig") -> list[tuple[str, str]]:
         issues.append(("strategy.default", f"{cfg.strategy.default} needs a model with role frontier"))
 
     return issues
+
+
+def _gpu_issues(where: str, version) -> list[tuple[str, str]]:
+    """An engine may not claim more GPU memory, or shard over more GPUs, than Ray gives its
+    replica: several replicas share one GPU only while their memory shares fit in it."""
+    engine, gpus = version.engine, version.resources.num_gpus
+    if engine.kind == "vllm":
+        fraction, tp, fraction_field, tp_field = engine.gpu_memory_utilization, engine.tensor_parallel_size, "gpu_memory_utilization", "tensor_parallel_size"
+    elif engine.kind == "sglang":
+        fraction, tp, fraction_field, tp_field = engine.mem_fraction_static, engine.tp_size, "mem_fraction_static", "tp_size"
+    else:
+        return []
+    out = []
+    if tp > 1 and gpus < tp:
+        out.append((f"{where}.engine.{tp_field}", f"{tp_field} {tp} shards the model over {tp} GPUs, but resources.num_gpus is {gpus:g}"))
+    if gpus < 1 and fraction > gpus + 1e-9:
+        out.append(
+            (
+                f"{where}.engine.{fraction_field}",
+                f"{fraction_field} {fraction:g} claims more of the GPU than the replica's resources.num_gpus {gpus:g}; "
+                "replicas sharing the GPU would run out of memory (`slmctl plan` sizes both)",
+            )
+        )
+    return out

@@ -82,6 +82,8 @@ def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
     }
     if config.context_length is not None:
         kwargs["context_length"] = config.context_length
+    if config.max_running_requests is not None:
+        kwargs["max_running_requests"] = config.max_running_requests
     return {**kwargs, **config.extra_engine_args}
 
 

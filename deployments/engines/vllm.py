@@ -103,6 +103,8 @@ def engine_args_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:
         kwargs["max_model_len"] = config.max_model_len
     if config.quantization is not None:
         kwargs["quantization"] = config.quantization
+    if config.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = config.max_num_seqs
     return {**kwargs, **config.extra_engine_args}
 
 

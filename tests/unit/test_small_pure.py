@@ -62,11 +62,12 @@ def test_pack_gpus(fractions: list[float], gpus: int, fits: bool) -> None:
 
 
 def test_fit_problems_name_cpu_and_gpu() -> None:
-    cfg = load_profile("gpu")  # 0.25+0.25+0.5+0.5+1 GPUs, 2+2+2+2+4+0.5+1+1 CPUs
-    assert fit_problems(cfg, 64, 3) == []
-    problems = fit_problems(cfg, 4, 2)
+    # initial replicas: 0.25+0.15+0.85 GPUs (legal and medical start at zero), two GPUs when packed
+    cfg = load_profile("gpu")
+    assert fit_problems(cfg, 64, 2) == []
+    problems = fit_problems(cfg, 4, 1)
     assert any(p.startswith("CPU:") for p in problems) and any(p.startswith("GPU:") for p in problems)
-    assert "general-v1=1x1" in problems[1]
+    assert "general-v1=1x0.85" in problems[1]
 
 
 def test_errors_pickle_and_unwrap() -> None:
