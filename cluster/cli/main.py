@@ -9,11 +9,11 @@ import time
 from importlib import metadata
 from typing import Sequence
 
-from cluster.cli import embedded_redis, gate_cmd
+from cluster.cli import embedded_redis, gate_cmd, nodes
 from cluster.cli.ray_cluster import LocalCluster, RayClusterError
 from cluster.cli.report import app_view, progress_line, status_table
 from cluster.config import ClusterConfig
-from cluster.errors import ConfigError, SLMError
+from cluster.errors import ConfigError, InvalidRequestError, SLMError
 from cluster.loader import PROFILES, load_config, resolve_config
 from cluster.overrides import with_remote_frontier
 from cluster.placement import fit_problems
@@ -49,11 +49,24 @@ def _load_for_up(args: argparse.Namespace) -> ClusterConfig:
 
 
 def _cluster(args: argparse.Namespace) -> LocalCluster:
+    """The local cluster on --dashboard-port, or the one --address names (joined: slmctl
+    deploys onto it and reads it, but never starts or stops it)."""
+    if getattr(args, "address", None):
+        return LocalCluster.at_address(args.address)
     return LocalCluster(dashboard_port=args.dashboard_port, ray_port=getattr(args, "ray_port", 6379))
 
 
-def _ready_banner(cfg: ClusterConfig, host: str, port: int, dashboard_url: str) -> str:
-    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+def _cluster_flag(cluster: LocalCluster) -> str:
+    return f" --address {cluster.dashboard_url}" if cluster.joined else ""
+
+
+def _ready_banner(cfg: ClusterConfig, host: str, port: int, cluster: LocalCluster) -> str:
+    wildcard = host in ("0.0.0.0", "::")
+    # Serve runs a proxy on every node with replicas; on a joined cluster the head's
+    # address is the one this machine knows to reach.
+    shown = (cluster.host if cluster.joined else "127.0.0.1") if wildcard else host
+    base = f"http://{shown}:{port}"
+    flag = _cluster_flag(cluster)
     auth = f' -H "Authorization: Bearer $${cfg.gateway.api_keys_env}"' if cfg.gateway.api_keys_env else ""
     return "\n".join(
         [
@@ -61,14 +74,14 @@ def _ready_banner(cfg: ClusterConfig, host: str, port: int, dashboard_url: str) 
             "slm-cluster is up.",
             f"  OpenAI API:    {base}/v1   (models: {base}/v1/models)",
             f"  Health:        {base}/healthz   {base}/readyz",
-            f"  Ray dashboard: {dashboard_url}",
+            f"  Ray dashboard: {cluster.dashboard_url}",
             "",
             "Try it:",
             f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
             """-d '{"model": "auto", "messages": [{"role": "user", "content": "Write a Python function that reverses a string."}], "max_tokens": 64}'""",
             "",
-            "slmctl status   # deployments, replicas, GPU fractions",
-            "slmctl down     # stop everything",
+            f"slmctl status{flag}   # deployments, replicas, GPU fractions, the node of each replica",
+            f"slmctl down{flag}     # " + ("delete the application (the cluster keeps running)" if cluster.joined else "stop everything"),
         ]
     )
 
@@ -108,21 +121,41 @@ def cmd_up(args: argparse.Namespace) -> int:
     port = args.port or cfg.gateway.port
     host = args.host or cfg.gateway.host
     cluster = _cluster(args)
-    _say(f"Starting a local Ray cluster (dashboard on {cluster.dashboard_url}) ...")
-    started = cluster.start(num_cpus=args.num_cpus, num_gpus=args.num_gpus, throughput_optimized=args.throughput_optimized)
-    if not started:
-        _say("  a Ray cluster is already running there; deploying onto it")
+    if cluster.joined:
+        if not _join(cluster, args):
+            return EXIT_FAILED
+    else:
+        _say(f"Starting a local Ray cluster (dashboard on {cluster.dashboard_url}) ...")
+        started = cluster.start(num_cpus=args.num_cpus, num_gpus=args.num_gpus, throughput_optimized=args.throughput_optimized)
+        if not started:
+            _say("  a Ray cluster is already running there; deploying onto it")
     cpus, gpus = cluster.resources()
     if _unfit(cfg, cpus, gpus, args.skip_fit_check, "The plan does not fit this cluster:",
               "Nothing was deployed. Lower the resources in the config, or start with more (--num-cpus/--num-gpus)."):
         return EXIT_DOES_NOT_FIT
-    cfg = _with_redis(cfg, args.dashboard_port)
+    cfg = _with_redis(cfg, cluster)
     _say(f"Deploying {len(cfg.deployments())} model deployments + router + gateway ({cpus:g} CPUs, {gpus:g} GPUs) ...")
     cluster.deploy(render_serve_config(cfg, host=host, port=port))
     code = _wait_until_running(cluster, cfg.name, args.timeout_s)
     if code == EXIT_OK:
-        _say(_ready_banner(cfg, host, port, cluster.dashboard_url))
+        _say(_ready_banner(cfg, host, port, cluster))
     return code
+
+
+def _join(cluster: LocalCluster, args: argparse.Namespace) -> bool:
+    """Check that the cluster --address names answers; flags that size a local node are
+    refused, since each node of a joined cluster got its resources from its own `ray start`."""
+    sizing = [flag for flag, value in (("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus)) if value is not None]
+    if sizing:
+        raise InvalidRequestError(f"{' and '.join(sizing)} size a node slmctl starts; with --address each node's `ray start` sets its own resources")
+    if not cluster.dashboard_up():
+        _say(f"No Ray dashboard answers at {cluster.dashboard_url}. Start the head there first "
+             "(`ray start --head --num-cpus 0 --dashboard-host 0.0.0.0`, see docs/multinode.md).")
+        return False
+    node_list = nodes.nodes_from_summary(cluster.node_summary())
+    alive = [n for n in node_list if n.state == "ALIVE"]
+    _say(f"Joining the Ray cluster at {cluster.dashboard_url} ({len(alive)} live nodes); slmctl will not start or stop it")
+    return True
 
 
 def _unfit(cfg: ClusterConfig, cpus: float, gpus: float, skip: bool, header: str, footer: str | None = None) -> bool:
@@ -138,12 +171,17 @@ def _unfit(cfg: ClusterConfig, cpus: float, gpus: float, skip: bool, header: str
     return True
 
 
-def _with_redis(cfg: ClusterConfig, dashboard_port: int) -> ClusterConfig:
+def _with_redis(cfg: ClusterConfig, cluster: LocalCluster) -> ClusterConfig:
     """The config with a Redis: its own, else the cluster's embedded one (started if needed),
-    so traffic splits and rollouts work out of the box."""
+    so traffic splits and rollouts work out of the box. A joined cluster gets none: the
+    embedded Redis listens on this machine's loopback, which other nodes cannot reach."""
     if cfg.redis.resolved_url(os.environ) is not None:
         return cfg
-    redis, started = embedded_redis.start(dashboard_port)
+    if cluster.joined:
+        _say("No Redis named in the config, and with --address slmctl starts none (other nodes could not reach it): "
+             "every model serves its current version. Set redis.url to a Redis every node reaches for splits and canaries.")
+        return cfg
+    redis, started = embedded_redis.start(cluster.dashboard_port)
     _say(f"{'Started' if started else 'Using'} the embedded Redis at {redis.url} (data in {redis.directory})")
     return cfg.model_copy(update={"redis": cfg.redis.model_copy(update={"url": redis.url})})
 
@@ -164,7 +202,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     running = (details.get("applications") or {}).get(cfg.name) or {}
     old = (running.get("deployed_app_config") or {}).get("args", {}).get("config")
     http = details.get("http_options") or {}
-    cfg = _with_redis(cfg, args.dashboard_port)
+    cfg = _with_redis(cfg, cluster)
     if old:
         before = set(ClusterConfig.model_validate(old).deployment_names())
         after = set(cfg.deployment_names())
@@ -184,11 +222,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         _say("Ray is running, but no Serve application is deployed.")
         return EXIT_FAILED
     cpus, gpus = cluster.resources()
+    node_list = nodes.nodes_from_summary(cluster.node_summary())
+    replicas = nodes.replica_placements(details)
     worst = EXIT_OK
     for name in apps:
         view = app_view(details, name)
         assert view is not None
         _say(status_table(view))
+        _say(nodes.replicas_table(replicas, name))
         config = (details["applications"][name].get("deployed_app_config") or {}).get("args", {}).get("config")
         if config and name != CONTROLLER_APP:  # the controller app carries the same config
             try:
@@ -206,7 +247,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             worst = EXIT_DOES_NOT_FIT
         elif view.status != "RUNNING" and worst == EXIT_OK:
             worst = EXIT_FAILED
-    _say(f"cluster: {cpus:g} CPUs, {gpus:g} GPUs; dashboard {cluster.dashboard_url}")
+    _say(nodes.nodes_table(node_list, replicas))
+    _say(f"cluster: {len(node_list)} node(s), {cpus:g} CPUs, {gpus:g} GPUs; dashboard {cluster.dashboard_url}")
     return worst
 
 
@@ -222,21 +264,33 @@ def _traffic_store_line(cfg: ClusterConfig) -> str:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """Delete the Serve applications; stop Ray only when `slmctl up` started it here.
+
+    A joined cluster (--address) and a local Ray that someone else started keep running:
+    slmctl stops only what it started (``LocalCluster.started_by_slmctl``)."""
     cluster = _cluster(args)
+    stop_ray = not args.keep_ray and cluster.started_by_slmctl()
     if cluster.dashboard_up():
         _say("Deleting Serve applications ...")
         try:
             cluster.delete_applications()
         except RayClusterError as err:
             # A busy dashboard must not leave Ray and the embedded Redis running.
-            _say(f"  could not delete them ({err}); stopping anyway" if not args.keep_ray else f"  could not delete them ({err})")
-            if args.keep_ray:
+            _say(f"  could not delete them ({err}); stopping anyway" if stop_ray else f"  could not delete them ({err})")
+            if not stop_ray:
                 return EXIT_FAILED
-    if not args.keep_ray:
+    elif cluster.joined:
+        _say(f"No Ray dashboard answers at {cluster.dashboard_url}; nothing to delete.")
+        return EXIT_FAILED
+    if stop_ray:
         _say("Stopping Ray ...")
         cluster.stop()
-        if embedded_redis.stop(args.dashboard_port):
-            _say("Stopped the embedded Redis (its data stays for the next `slmctl up`).")
+    elif cluster.joined:
+        _say(f"Left the Ray cluster at {cluster.dashboard_url} running: slmctl did not start it.")
+    elif not args.keep_ray and cluster.dashboard_up():
+        _say(f"Left Ray at {cluster.dashboard_url} running: `slmctl up` did not start it (`ray stop` stops it).")
+    if not cluster.joined and not args.keep_ray and embedded_redis.stop(args.dashboard_port):
+        _say("Stopped the embedded Redis (its data stays for the next `slmctl up`).")
     _say("Down.")
     return EXIT_OK
 
@@ -246,9 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def cluster_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port (default 8265)")
+        p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard port of the local cluster (default 8265)")
+        p.add_argument(
+            "--address",
+            help="join a running Ray cluster through its dashboard URL, e.g. http://10.0.0.5:8265 (wins over --dashboard-port); "
+            "slmctl never starts or stops that cluster (docs/multinode.md)",
+        )
 
-    up = sub.add_parser("up", help="start Ray, deploy a profile or config, wait until it serves")
+    up = sub.add_parser("up", help="start Ray (or join one with --address), deploy a profile or config, wait until it serves")
     src = up.add_mutually_exclusive_group()
     src.add_argument("--profile", default="local", choices=PROFILES, help="a built-in profile (default: local)")
     src.add_argument("--config", help="a cluster config file (YAML or JSON)")
@@ -271,11 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster_flags(up)
     up.set_defaults(func=cmd_up)
 
-    status = sub.add_parser("status", help="deployments, replicas, GPU fractions and state")
+    status = sub.add_parser("status", help="deployments, replicas, GPU fractions and state, and the node of each replica")
     cluster_flags(status)
     status.set_defaults(func=cmd_status)
 
-    down = sub.add_parser("down", help="delete the application and stop Ray")
+    down = sub.add_parser("down", help="delete the application and stop Ray if `slmctl up` started it")
     down.add_argument("--keep-ray", action="store_true", help="delete the application but leave Ray running")
     cluster_flags(down)
     down.set_defaults(func=cmd_down)
@@ -300,10 +359,17 @@ def add_plugin_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
 
     The kernel may not import the packages above it (``router_models``, ``autoscaling``),
     so they plug their commands in: each entry point is a ``register(subparsers)`` that
-    adds a subcommand whose ``func(args) -> int`` does the work.
+    adds a subcommand whose ``func(args) -> int`` does the work. A plug-in that cannot be
+    imported (a stale install, a missing optional extra) is named on stderr and skipped, so
+    that one broken command does not take every other command down with it.
     """
     for entry in sorted(metadata.entry_points(group="slmctl.commands"), key=lambda e: e.name):
-        entry.load()(sub)
+        try:
+            register = entry.load()
+        except ImportError as err:
+            print(f"slmctl: skipping the {entry.name!r} commands ({entry.value}): {err}", file=sys.stderr)
+            continue
+        register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

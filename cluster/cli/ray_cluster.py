@@ -1,8 +1,13 @@
-"""The one wrapper around a local Ray cluster: ``ray start/stop`` and the dashboard's Serve REST API.
+"""The one wrapper around a Ray cluster: ``ray start/stop`` and the dashboard's REST API.
 
 Deploying through the dashboard (PUT /api/serve/applications/) is what ``serve deploy``
 and KubeRay do, so ``slmctl up`` exercises the production path, and it returns at once,
 which lets the CLI show progress while models load.
+
+A cluster is either local (``slmctl up`` may start its head node on this machine) or
+joined (``--address``: someone else's head, perhaps with many nodes, reached through its
+dashboard URL, which slmctl never starts nor stops). ``slmctl up`` leaves a marker with the
+head node's id when it starts Ray, so that ``slmctl down`` stops only a Ray it started.
 """
 
 from __future__ import annotations
@@ -10,11 +15,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+
+from cluster.cli import embedded_redis
 
 
 class RayClusterError(RuntimeError):
@@ -26,6 +36,20 @@ class LocalCluster:
     dashboard_port: int = 8265
     ray_port: int = 6379
     host: str = "127.0.0.1"
+    joined: bool = False  # reached with --address: not ours to start or stop
+
+    @classmethod
+    def at_address(cls, address: str) -> "LocalCluster":
+        """A running cluster named by its dashboard URL (``http://10.0.0.5:8265``, or
+        ``10.0.0.5:8265``), as ``serve deploy --address`` and ``slmctl canary --address`` take it."""
+        parsed = urlsplit(address if "://" in address else f"http://{address}")
+        try:
+            port = parsed.port or 8265
+        except ValueError:
+            port = None
+        if not parsed.hostname or port is None or parsed.scheme not in ("http", "https") or parsed.path not in ("", "/"):
+            raise RayClusterError(f"--address must be a Ray dashboard URL such as http://10.0.0.5:8265, got {address!r}")
+        return cls(dashboard_port=port, host=parsed.hostname, joined=True)
 
     @property
     def dashboard_url(self) -> str:
@@ -52,6 +76,8 @@ class LocalCluster:
         process of the node (handle routing on the caller's loop, direct ingress, gRPC
         between replicas); docs/benchmarks.md shows what it buys on this path.
         """
+        if self.joined:
+            raise RayClusterError("a joined cluster (--address) is started by its owner, never by slmctl")
         if self.dashboard_up():
             return False
         cmd = [
@@ -72,10 +98,49 @@ class LocalCluster:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise RayClusterError(f"ray start failed:\n{done.stdout}\n{done.stderr}")
+        self._marker().parent.mkdir(parents=True, exist_ok=True)
+        self._marker().write_text(self._wait_for_head_id() or "", encoding="utf-8")
         return True
 
+    def _wait_for_head_id(self, timeout_s: float = 20.0) -> str | None:
+        """The dashboard answers a few seconds after ``ray start`` returns; an empty marker
+        would later count any Ray on this port as ours, so wait for the head's id."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            head = self._head_id()
+            if head or time.monotonic() >= deadline:
+                return head
+            time.sleep(0.5)
+
     def stop(self) -> None:
+        if self.joined:
+            raise RayClusterError("a joined cluster (--address) is stopped by its owner, never by slmctl")
         subprocess.run([self._ray_bin(), "stop", "--force"], capture_output=True, text=True)
+        self._marker().unlink(missing_ok=True)
+
+    # --- who started it -------------------------------------------------------------------
+
+    def _marker(self) -> Path:
+        return embedded_redis.state_dir(self.dashboard_port).parent / "ray-started-by-slmctl"
+
+    def _head_id(self) -> str | None:
+        try:
+            return next((n["raylet"]["nodeId"] for n in self.nodes() if (n.get("raylet") or {}).get("isHeadNode")), None)
+        except (RayClusterError, KeyError):
+            return None
+
+    def started_by_slmctl(self) -> bool:
+        """Whether ``slmctl up`` started the Ray that runs here: its marker names this head
+        node (or the dashboard is gone, so the marker is all there is to go by). Never for
+        a joined cluster."""
+        if self.joined:
+            return False
+        try:
+            marked = self._marker().read_text(encoding="utf-8").strip()
+        except OSError:
+            return False
+        head = self._head_id() if self.dashboard_up() else None
+        return not marked or head is None or head == marked
 
     @staticmethod
     def _auth_headers() -> dict[str, str]:
@@ -107,13 +172,21 @@ class LocalCluster:
     def delete_applications(self) -> None:
         self._request("DELETE", "/api/serve/applications/")
 
-    def resources(self) -> tuple[float, float]:
-        """(total logical CPUs, total GPUs) of the cluster, from its nodes' resources."""
+    def node_summary(self) -> dict[str, Any]:
+        """The dashboard's ``/nodes?view=summary``: every node's id, address, head flag,
+        state and logical resources (``cluster.cli.nodes`` reads it)."""
         resp = self._request("GET", "/nodes?view=summary")
         if resp.status_code >= 400:
-            raise RayClusterError(f"cannot read cluster resources ({resp.status_code})")
+            raise RayClusterError(f"cannot read the cluster's nodes ({resp.status_code})")
+        return resp.json()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list((self.node_summary().get("data") or {}).get("summary") or [])
+
+    def resources(self) -> tuple[float, float]:
+        """(total logical CPUs, total GPUs) of the cluster's live nodes."""
         cpus = gpus = 0.0
-        for node in resp.json().get("data", {}).get("summary", []):
+        for node in self.nodes():
             raylet = node.get("raylet", {})
             if raylet.get("state", "ALIVE") != "ALIVE":
                 continue
