@@ -4,11 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, GatewayConfig, ModelVersionConfig, RouterConfig
+from cluster.types import deployment_name
 
 IMPORT_PATH = "deployments.app:build_app"
 CONTROLLER_IMPORT_PATH = "autoscaling.app:build_controller"
 CONTROLLER_APP = "slm-control"
+ROUTER_NAME = "router"
+GATEWAY_NAME = "gateway"
+
+
+def deployment_options(name: str, block: ModelVersionConfig | RouterConfig | GatewayConfig) -> dict[str, Any]:
+    """The Serve options every deployment takes from its config block: one copy, read by
+    ``build_app`` (in code) and by the manifests (the serveConfigV2 ``deployments:`` list)."""
+    return {
+        "name": name,
+        "ray_actor_options": block.resources.ray_actor_options(),
+        "autoscaling_config": block.autoscaling.serve_options(),
+        "max_ongoing_requests": block.max_ongoing_requests,
+    }
+
+
+def data_plane_deployments(cfg: ClusterConfig) -> list[dict[str, Any]]:
+    """Every model version's options, then the router's and the gateway's."""
+    out = [deployment_options(deployment_name(m.name, v.name), v) for m, v in cfg.deployments()]
+    out.append(deployment_options(ROUTER_NAME, cfg.router))
+    out.append(deployment_options(GATEWAY_NAME, cfg.gateway))
+    return out
 
 
 def render_serve_config(cfg: ClusterConfig, *, host: str | None = None, port: int | None = None) -> dict[str, Any]:

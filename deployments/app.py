@@ -12,17 +12,16 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from cluster.config import ClusterConfig, GatewayConfig, ModelVersionConfig, RouterConfig
+from cluster.config import ClusterConfig
 from cluster.errors import ConfigError
 from cluster.loader import resolve_config
+from cluster.serve_config import GATEWAY_NAME, ROUTER_NAME, deployment_options
 from cluster.types import deployment_name
 from deployments.gateway.ingress import Gateway
 from deployments.model_server import ModelServer
 from deployments.router import Router
 
 ARG_KEYS = ("profile", "config_path", "config")
-ROUTER_NAME = "router"
-GATEWAY_NAME = "gateway"
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -42,7 +41,7 @@ def build_from_config(cfg: ClusterConfig) -> Application:
         models[name] = (
             serve.deployment(ModelServer)
             .options(
-                **_options(name, version),
+                **deployment_options(name, version),
                 max_queued_requests=version.max_queued_requests,
                 # Model loading can take minutes on a cold node; health checks start after.
                 health_check_period_s=10,
@@ -51,15 +50,6 @@ def build_from_config(cfg: ClusterConfig) -> Application:
             )
             .bind(model.name, version)
         )
-    router = serve.deployment(Router).options(**_options(ROUTER_NAME, cfg.router)).bind(cfg.router)
-    return serve.deployment(Gateway).options(**_options(GATEWAY_NAME, cfg.gateway)).bind(cfg, router, models)
+    router = serve.deployment(Router).options(**deployment_options(ROUTER_NAME, cfg.router)).bind(cfg.router)
+    return serve.deployment(Gateway).options(**deployment_options(GATEWAY_NAME, cfg.gateway)).bind(cfg, router, models)
 
-
-def _options(name: str, block: ModelVersionConfig | RouterConfig | GatewayConfig) -> dict[str, Any]:
-    """The Serve options every deployment takes from its config block."""
-    return {
-        "name": name,
-        "ray_actor_options": block.resources.ray_actor_options(),
-        "autoscaling_config": block.autoscaling.serve_options(),
-        "max_ongoing_requests": block.max_ongoing_requests,
-    }
