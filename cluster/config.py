@@ -412,6 +412,27 @@ class RedisConfig(Strict):
         return env.get(self.password_env) if self.password_env else None
 
 
+class AuditConfig(Strict):
+    """The audit trail: one JSON line per request (``cluster.audit``; docs/observability.md)."""
+
+    enabled: bool = Field(True, description="Write an audit line for every chat request (success, error and stream).")
+    path: str = Field(
+        "~/.cache/slm-cluster/audit/audit.jsonl",
+        description="The JSONL file on each gateway's node (~ expands to the replica's home); rotated backups are path.1, path.2, ...",
+    )
+    max_bytes: int = Field(50_000_000, ge=0, description="Rotate the file when it would grow past this many bytes (0: never rotate).")
+    backup_count: int = Field(5, ge=0, description="Rotated files kept (path.1 the newest); older ones are deleted.")
+    include_text: bool = Field(False, description="Also record the prompt and the answer text (off: no text ever leaves the gateway).")
+    redis_stream: str = Field(
+        "audit", description="Key suffix of the Redis stream (<redis.key_prefix>:<this>) the lines also go to when Redis is configured."
+    )
+    redis_maxlen: int = Field(100_000, ge=1, description="Approximate cap on the stream's length (XADD MAXLEN ~).")
+    queue_size: int = Field(
+        10_000, ge=1, description="Lines each sink may hold in memory before the newest are dropped (and counted); never blocks a request."
+    )
+    sink_timeout_s: float = Field(2.0, gt=0, description="Longest one write to a sink may take before it counts as failed.")
+
+
 class ModelShapeConfig(Strict):
     """What the capacity planner needs to know of a model (from its config.json on the hub)."""
 
@@ -433,6 +454,7 @@ class ClusterConfig(Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Where traffic splits live.")
     strategy: StrategyConfig = Field(default_factory=StrategyConfig, description="How the ensemble answers: route, cascade or race.")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Where each request's data may go.")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="The per-request audit trail and its sinks.")
     model_shapes: dict[str, ModelShapeConfig] = Field(
         default_factory=dict,
         description="Shapes of the engines' models, keyed by the engine's model id (vllm model, sglang model_path), "

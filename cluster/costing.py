@@ -68,3 +68,16 @@ def estimate_tokens(text: str) -> int:
     """A tokenizer-free estimate (about four characters a token for English), used only for
     calls that were cancelled before their engine reported usage."""
     return max(1, (len(text) + 3) // 4)
+
+
+def for_request(cfg: ClusterConfig, calls: list[CallRecord]) -> tuple[Cost, Cost | None]:
+    """(what every call of one request cost, cancelled ones included; what the frontier alone
+    would have cost: its input tokens as the frontier counted them when it ran, else the
+    answering engine's, and the winning answer's output tokens, at the frontier's prices).
+    The response headers and the audit line both report these."""
+    spent = total(cfg, calls)
+    won = next(r for r in calls if r.outcome == WON)
+    frontier = cfg.frontier
+    ran = [r for r in calls if frontier is not None and r.model == frontier.name and r.usage_exact]
+    prompt = ran[0].prompt_tokens if ran else won.prompt_tokens
+    return spent, frontier_only(cfg, prompt, won.completion_tokens)

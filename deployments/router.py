@@ -7,6 +7,7 @@ so one embedder pass scores everything that queued during the previous one.
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 from ray import serve
@@ -14,6 +15,7 @@ from ray import serve
 from cluster.config import RouterConfig
 from cluster.types import RouteQuery, RouteScores
 from deployments.busy_merge import BusyMerger
+from deployments.gateway.metrics import RouterMetrics
 from router_models import create_router_model
 
 
@@ -24,7 +26,8 @@ class Router:
         # Loading (and any artifact check) happens here, so a bad artifact fails the
         # deployment at start, never at the first request.
         self.model.load()
-        self.merger: BusyMerger[str | RouteQuery, RouteScores] = BusyMerger(self.model.score, max_items=config.max_batch_size)
+        self.metrics = RouterMetrics()
+        self.merger: BusyMerger[str | RouteQuery, RouteScores] = BusyMerger(self._score, max_items=config.max_batch_size)
         self.route_batch.set_max_batch_size(config.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
@@ -34,6 +37,13 @@ class Router:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002, max_concurrent_batches=1024)
     async def route_batch(self, texts: Sequence[str | RouteQuery]) -> list[RouteScores]:
         return await self.merger.run(list(texts))
+
+    def _score(self, batch: list[str | RouteQuery]) -> list[RouteScores]:
+        # One model call (in the merger's worker thread): its latency and batch size.
+        started = time.perf_counter()
+        scores = self.model.score(batch)
+        self.metrics.batch_done(len(batch), time.perf_counter() - started)
+        return scores
 
     def batch_stats(self) -> dict[str, float]:
         """Model calls, the requests they scored and the seconds they took, since start."""

@@ -9,7 +9,7 @@ import time
 from importlib import metadata
 from typing import Sequence
 
-from cluster.cli import embedded_redis, gate_cmd, nodes
+from cluster.cli import audit_cmd, embedded_redis, gate_cmd, nodes
 from cluster.cli.ray_cluster import LocalCluster, RayClusterError
 from cluster.cli.report import app_view, progress_line, status_table
 from cluster.config import ClusterConfig
@@ -53,7 +53,8 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
     deploys onto it and reads it, but never starts or stops it)."""
     if getattr(args, "address", None):
         return LocalCluster.at_address(args.address)
-    return LocalCluster(dashboard_port=args.dashboard_port, ray_port=getattr(args, "ray_port", 6379))
+    return LocalCluster(dashboard_port=args.dashboard_port, ray_port=getattr(args, "ray_port", 6379),
+                        metrics_port=getattr(args, "metrics_port", 8080))
 
 
 def _cluster_flag(cluster: LocalCluster) -> str:
@@ -75,6 +76,7 @@ def _ready_banner(cfg: ClusterConfig, host: str, port: int, cluster: LocalCluste
             f"  OpenAI API:    {base}/v1   (models: {base}/v1/models)",
             f"  Health:        {base}/healthz   {base}/readyz",
             f"  Ray dashboard: {cluster.dashboard_url}",
+            *([] if cluster.joined else [f"  Metrics:       {cluster.metrics_url}   (Prometheus; docs/observability.md)"]),
             "",
             "Try it:",
             f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
@@ -314,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", help="HTTP bind address (default: the config's gateway.host)")
     up.add_argument("--port", type=int, help="HTTP port of the API (default: the config's gateway.port, 8000)")
     up.add_argument("--ray-port", type=int, default=6379, help="Ray GCS port (default 6379)")
+    up.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics export port of the Ray node (default 8080)")
     up.add_argument("--num-cpus", type=float, help="logical CPUs of the local Ray node (default: all cores)")
     up.add_argument("--num-gpus", type=float, help="GPUs of the local Ray node (default: detected)")
     up.add_argument("--frontier-url", help="use this OpenAI-compatible endpoint for the frontier model")
@@ -350,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+")
     validate.set_defaults(func=cmd_validate)
     gate_cmd.register(sub)
+    audit_cmd.register(sub)
     add_plugin_commands(sub)
     return parser
 

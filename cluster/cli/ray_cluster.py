@@ -37,6 +37,7 @@ class LocalCluster:
     ray_port: int = 6379
     host: str = "127.0.0.1"
     joined: bool = False  # reached with --address: not ours to start or stop
+    metrics_port: int = 8080  # Prometheus scrape port of the node's metrics agent (ray start --metrics-export-port)
 
     @classmethod
     def at_address(cls, address: str) -> "LocalCluster":
@@ -54,6 +55,10 @@ class LocalCluster:
     @property
     def dashboard_url(self) -> str:
         return f"http://{self.host}:{self.dashboard_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
 
     @property
     def address(self) -> str:
@@ -87,6 +92,7 @@ class LocalCluster:
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}",
             "--disable-usage-stats",
+            f"--metrics-export-port={self.metrics_port}",
         ]
         if num_cpus is not None:
             cmd.append(f"--num-cpus={num_cpus:g}")

@@ -37,10 +37,12 @@ from cluster.loader import format_loc
 from cluster.openai_schema import ChatCompletionRequest, models_body
 from cluster.routing import AUTO, COLD_REASON, apply_split, cover_cold, decide_auto, listed_models, resolve_explicit
 from cluster.types import GenerationRequest, RouteDecision, deployment_name
+from deployments.gateway.audit import AuditTrail
 from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway.errors import error_response, to_slm_error
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
 from deployments.gateway.figures import FigureRecorder
+from deployments.gateway.metrics import GatewayMetrics, finish_after
 from deployments.gateway.shadow import ShadowSender
 from deployments.gateway.splits import SplitCache
 from deployments.gateway.streams import timed_chunks
@@ -93,6 +95,8 @@ class Gateway:
         self.splits = SplitCache(store, config.redis.poll_interval_s, self.clock)
         self.shadows = ShadowSender(config, self.ensemble)
         self.warmth = self._warmth()
+        self.audit = AuditTrail.from_config(config, env, self.clock)
+        self.metrics = GatewayMetrics(config, self.clock)
 
     def _warmth(self) -> Warmth:
         """Watches the deployments that may scale to zero (none: no poller runs)."""
@@ -107,9 +111,11 @@ class Gateway:
 
     async def __del__(self) -> None:
         """Serve awaits this when it stops the replica: the background pollers and warm-ups
-        end with it rather than outliving it (no untracked background tasks)."""
+        end with it rather than outliving it (no untracked background tasks); the audit
+        writers get one last bounded write of what they hold."""
         await self.warmth.close()
         await self.splits.close()
+        await self.audit.close()
 
     def _traffic_store(self, env: Mapping[str, str]):  # type: ignore[no-untyped-def]
         """The Redis traffic store when the config names one (``slmctl up`` names the
@@ -226,14 +232,9 @@ class Gateway:
     def _cost(self, out: Outcome) -> dict[str, str]:
         """Every call counts, cancelled ones included; and what the frontier alone would
         have cost: its input tokens (this request's, as the answering engine counted them
-        when the frontier did not run) and this answer's output tokens, at its prices."""
-        records = out.records()
-        spent = costing.total(self.config, records)
-        won = next(r for r in records if r.outcome == costing.WON)
-        frontier = self.config.frontier
-        ran = [r for r in records if frontier is not None and r.model == frontier.name and r.usage_exact]
-        prompt = ran[0].prompt_tokens if ran else won.prompt_tokens
-        alone = costing.frontier_only(self.config, prompt, won.completion_tokens)
+        when the frontier did not run) and this answer's output tokens, at its prices
+        (``costing.for_request``, which the audit line reports too)."""
+        spent, alone = costing.for_request(self.config, out.records())
         headers = {"x-slm-cost-usd": format(spent.usd, ".8g"), "x-slm-energy-j": format(spent.joules, ".8g")}
         if alone is not None:
             headers["x-slm-frontier-cost-usd"] = format(alone.usd, ".8g")
@@ -248,16 +249,18 @@ class Gateway:
         decision: RouteDecision | None = None
         first: RouteDecision | None = None
         headers: dict[str, str] = {}
+        trail = self.audit.start(request_id, request.headers.get("authorization"), started_at)  # its line goes out at the end
         try:
             self._check_auth(request)
             wire = self._parse(await self._read_body(request))
-            gen = to_generation_request(wire, self.config.gateway, request_id)
+            trail.requested_model, trail.stream = wire.model, wire.stream
+            gen = trail.gen = to_generation_request(wire, self.config.gateway, request_id)
             chosen = strategy.parse_strategy(request.headers.get(strategy.STRATEGY_HEADER), self.config.strategy)
             budget = strategy.parse_budget(request.headers.get(strategy.BUDGET_HEADER))
             declared = policy.parse_data_class(request.headers.get(policy.DATA_CLASS_HEADER), self.config.policy)
             # The PII screen runs before routing; the router is on-prem and sees the text.
-            screened = policy.screen(gen.messages, declared, self.config.policy)
-            headers["x-slm-strategy"] = chosen
+            screened = trail.screened = policy.screen(gen.messages, declared, self.config.policy)
+            trail.strategy = headers["x-slm-strategy"] = chosen
             headers["x-slm-data-class"] = screened.data_class
             if screened.pii_types:
                 headers["x-slm-pii"] = ",".join(screened.pii_types)
@@ -285,7 +288,8 @@ class Gateway:
                     req = dataclasses.replace(gen, messages=screened.external_messages)
                 return with_id(req, d, logprobs=gated)
 
-            out = await self.ensemble.run(plan, call_request, stream=wire.stream, started_at=started_at)
+            out = trail.out = await self.ensemble.run(plan, call_request, stream=wire.stream, started_at=started_at)
+            trail.first = first
             shadow = self.shadows.target(snap, first)
             if shadow is not None and policy.allowed(self.config, screened, shadow.model, shadow.version):
                 # after the user's own calls have started: fire and forget, answer dropped
@@ -305,13 +309,23 @@ class Gateway:
                     first_chunk, chunks, meta, include_usage=include_usage, logprobs=gen.sampling.logprobs,
                     trailer=lambda: self._cost(out),
                 )
-                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+                first_token_at = self.clock()  # a held-back answer's first token leaves now, after the gate
+                events = finish_after(events, lambda: self.metrics.request_done(
+                    started_at=started_at, status=200, strategy=chosen, decision=decision, first=first, out=out,
+                    first_token_at=first_token_at, snapshot=snap))
+                return StreamingResponse(self.audit.stream(trail, events), media_type="text/event-stream", headers=headers)
             body = await collect_completion(chunks, meta, logprobs=gen.sampling.logprobs)
             headers.update(self._cost(out))
+            self.audit.finish(trail, 200)
+            self.metrics.request_done(started_at=started_at, status=200, strategy=chosen, decision=decision, first=first, out=out, snapshot=snap)
             return JSONResponse(body, headers=headers)
         except Exception as exc:  # noqa: BLE001 - mapped to a typed error in one place
             err = to_slm_error(exc)
             log.info("gateway: %s -> %s %s", request_id, err.http_status, err.code)
+            trail.first, trail.decision = first, decision
+            self.audit.finish(trail, err.http_status, err.code)
+            self.metrics.request_done(started_at=started_at, status=err.http_status, strategy=headers.get("x-slm-strategy"),
+                                      decision=decision, first=first, snapshot=self.splits.snapshot)
             return error_response(err, headers={**headers, **self._headers(decision, first)})
 
     @api.get("/v1/models")
@@ -336,6 +350,15 @@ class Gateway:
         self.splits.ensure_started()
         shadow = {"sent": self.shadows.sent, "skipped": self.shadows.skipped, "active": self.shadows.active}
         return JSONResponse({**self.splits.status(), "shadow_calls": shadow, "warmth": self.warmth.status()})
+
+    @api.get("/v1/slm/audit")
+    async def audit_status(self, request: Request) -> Response:
+        """This gateway's audit sinks: lines written, dropped (queue full) and failed, per sink."""
+        try:
+            self._check_auth(request)
+        except SLMError as err:
+            return error_response(err)
+        return JSONResponse(self.audit.status())
 
     @api.get("/readyz")
     async def readyz(self) -> Response:
