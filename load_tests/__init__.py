@@ -1,0 +1,1 @@
+"""Locust load tests of the gateway (HTTP only): see docs/load_testing.md."""
