@@ -15,11 +15,12 @@ keys, a remote model's API key, the Redis password) is read from one Secret by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any
 
 import yaml
 
 from autoscaling.gpus import gpu_type as lookup_gpu
+from autoscaling.planner import Plan, WorkerGroup
 from cluster.config import ClusterConfig
 from cluster.errors import SLMError
 from cluster.serve_config import IMPORT_PATH, data_plane_deployments, render_serve_config
@@ -53,23 +54,6 @@ class DoesNotFitError(SLMError):
     http_status = 400
     error_type = "invalid_request_error"
     default_code = "plan_does_not_fit"
-
-
-class WorkerGroupLike(Protocol):
-    name: str
-    gpu_type: str | None
-    gpus_per_pod: int
-    cpus_per_pod: int
-    memory_gib_per_pod: int
-    min_pods: int
-    max_pods: int
-
-
-class PlanLike(Protocol):
-    """What the renderer reads of ``autoscaling.planner.Plan``."""
-
-    worker_groups: Sequence[WorkerGroupLike]
-    unplaced: Sequence[Any]  # each with .deployment and .reason
 
 
 @dataclass(frozen=True)
@@ -196,7 +180,7 @@ def head_group(cfg: ClusterConfig, opts: RenderOptions) -> dict[str, Any]:
     }
 
 
-def worker_group(cfg: ClusterConfig, opts: RenderOptions, group: WorkerGroupLike) -> dict[str, Any]:
+def worker_group(cfg: ClusterConfig, opts: RenderOptions, group: WorkerGroup) -> dict[str, Any]:
     ports = [{"name": "serve", "containerPort": cfg.gateway.port}, {"name": "metrics", "containerPort": METRICS_PORT}]
     params = {"num-cpus": str(group.cpus_per_pod), "object-store-memory": OBJECT_STORE_BYTES}
     extra: dict[str, Any] = {}
@@ -228,13 +212,13 @@ def _product_label(name: str) -> str:
 # --- objects -----------------------------------------------------------------------
 
 
-def check_plan(plan: PlanLike) -> None:
+def check_plan(plan: Plan) -> None:
     if plan.unplaced:
         lines = "; ".join(f"{u.deployment}: {u.reason}" for u in plan.unplaced)
         raise DoesNotFitError(f"the plan cannot place {len(plan.unplaced)} deployment(s), so nothing was rendered: {lines}")
 
 
-def rayservice(cfg: ClusterConfig, plan: PlanLike, opts: RenderOptions) -> dict[str, Any]:
+def rayservice(cfg: ClusterConfig, plan: Plan, opts: RenderOptions) -> dict[str, Any]:
     """The RayService; ``cfg`` should already be ``k8s_config(cfg)``."""
     return {
         "apiVersion": "ray.io/v1",
@@ -244,7 +228,7 @@ def rayservice(cfg: ClusterConfig, plan: PlanLike, opts: RenderOptions) -> dict[
     }
 
 
-def rayservice_spec(cfg: ClusterConfig, plan: PlanLike, opts: RenderOptions) -> dict[str, Any]:
+def rayservice_spec(cfg: ClusterConfig, plan: Plan, opts: RenderOptions) -> dict[str, Any]:
     """The RayService's spec; ``DoesNotFitError`` when the plan leaves anything unplaced."""
     check_plan(plan)
     return {
@@ -334,7 +318,7 @@ def pod_monitor(opts: RenderOptions) -> dict[str, Any]:
     }
 
 
-def render_objects(cfg: ClusterConfig, plan: PlanLike, opts: RenderOptions | None = None) -> dict[str, list[dict[str, Any]]]:
+def render_objects(cfg: ClusterConfig, plan: Plan, opts: RenderOptions | None = None) -> dict[str, list[dict[str, Any]]]:
     """The objects grouped by the file they go in: ``rayservice``, ``services``, ``redis``
     (empty with an external Redis) and ``monitoring``. Refuses a plan that leaves anything
     unplaced (``DoesNotFitError``)."""
