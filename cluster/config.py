@@ -307,6 +307,7 @@ class GatewayConfig(Strict):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
     api_keys_env: str | None = Field(None, description="Env var with comma-separated accepted API keys; no auth when null.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (413 above).")
+    body_timeout_s: float = Field(30.0, gt=0, description="Deadline for reading a request body (408 past it).")
     max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt (all message contents) accepted.")
     max_messages: int = Field(256, ge=1, description="Most messages in one request.")
     max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")

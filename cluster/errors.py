@@ -87,6 +87,14 @@ class PayloadTooLargeError(SLMError):
     default_code = "request_too_large"
 
 
+class RequestTimeoutError(SLMError):
+    """The client did not send its request body within ``gateway.body_timeout_s``."""
+
+    http_status = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class RateLimitedError(SLMError):
     http_status = 429
     error_type = "rate_limit_error"

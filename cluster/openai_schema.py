@@ -6,9 +6,12 @@ does); responses are plain dicts built by small functions so the hot path skips 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cluster.errors import InvalidRequestError
 
 
 class TextPart(BaseModel):
@@ -48,7 +51,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as the engines take it
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=0)
     n: int | None = Field(None, ge=1, le=1)
@@ -71,6 +74,40 @@ class ChatCompletionRequest(BaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """The request body, validated; any other input raises ``InvalidRequestError`` (a 400:
+    ``invalid_json`` when it is not a JSON object, ``invalid_request`` naming the field
+    otherwise). Nothing else escapes, whatever the bytes: nesting too deep for the JSON
+    parser (``"[" * 200000``) is ``invalid_json`` too, not a RecursionError."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InvalidRequestError("We could not parse the JSON body of your request.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except (ValidationError, RecursionError) as err:
+        message, param = validation_message(err) if isinstance(err, ValidationError) else ("The request is nested too deeply.", None)
+        raise InvalidRequestError(message, param=param) from None
+
+
+def validation_message(err: ValidationError) -> tuple[str, str | None]:
+    """OpenAI's wording for the first problem, and the field it names (``messages[0].role``)."""
+    first = err.errors(include_url=False)[0]
+    param = _loc(tuple(first["loc"])) or None
+    if first["type"] == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    return f"Invalid value for {param}: {first['msg']}", param
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def logprobs_body(items: list[tuple[str, float]]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, TypeVar
 
 import httpx
@@ -161,7 +162,7 @@ class RemoteOpenAIEngine:
     async def _open(self, client: httpx.AsyncClient, body: dict[str, Any], request_id: str, deadline: _Deadline) -> httpx.Response:
         """Sends the request and returns the streaming response once its status is 2xx;
         an error status is read, closed and raised as a typed error."""
-        outgoing = client.build_request("POST", self._url, json=body, headers={"X-Request-ID": request_id})
+        outgoing = client.build_request("POST", self._url, json=body, headers={"X-Request-ID": uuid.uuid4().hex})
         response = await _read(deadline, lambda: client.send(outgoing, stream=True), "connecting")
         if response.is_success:
             return response

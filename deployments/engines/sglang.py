@@ -34,6 +34,7 @@ API facts relied on (SGLang >= 0.5, checked against current main):
 from __future__ import annotations
 
 import itertools
+import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
 
 from cluster.config import SGLangEngineConfig
@@ -255,7 +256,7 @@ class SGLangEngine:
         engine = self._require_started()
         tokenizer: ChatTokenizer = engine.tokenizer_manager.tokenizer
         prompt_ids = render_prompt_ids(tokenizer, with_system_prompt(request, self.system_prompt))
-        rid = f"{request.request_id}-{next(self._seq)}"
+        rid = uuid.uuid4().hex  # ours, fixed length: SGLang aborts by prefix, so no id may prefix another
         mapper = _OutputMapper(
             want_logprobs=request.sampling.logprobs,
             cumulative=self._cumulative,

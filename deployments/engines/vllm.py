@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import uuid
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Protocol, Sequence
@@ -255,7 +256,7 @@ class VLLMEngine:
             params = backend.make_sampling_params(sampling_kwargs(request.sampling))
         except Exception as exc:
             raise translate_error(exc) from exc
-        engine_id = f"{request.request_id}-{next(self._seq)}"
+        engine_id = uuid.uuid4().hex  # ours and unique per attempt, never the client's id
         mapper = _OutputMapper(want_logprobs=request.sampling.logprobs, prompt_tokens=len(prompt_ids))
 
         async def open_stream() -> AsyncIterator[Any]:

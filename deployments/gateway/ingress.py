@@ -8,36 +8,33 @@ in the ``x-slm-*`` headers and the body's ``model`` field (``code@v1``).
 
 import asyncio
 import dataclasses
-import hmac
-import json
 import logging
 import os
 import time
-import uuid
 from typing import Any, Awaitable, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster import costing, policy, strategy, traffic
 from cluster.chat import route_query, to_generation_request
 from cluster.config import ClusterConfig
-from cluster.errors import (
-    AuthenticationError,
-    ConfigError,
-    InvalidRequestError,
-    PayloadTooLargeError,
-    SLMError,
-)
-from cluster.loader import format_loc
-from cluster.openai_schema import ChatCompletionRequest, models_body
+from cluster.errors import AuthenticationError, ConfigError, SLMError
+from cluster.openai_schema import ChatCompletionRequest, models_body, parse_chat_request
 from cluster.routing import AUTO, COLD_REASON, apply_split, cover_cold, decide_auto, listed_models, resolve_explicit
 from cluster.types import GenerationRequest, RouteDecision, deployment_name
 from deployments.gateway.audit import AuditTrail
+from deployments.gateway.edge import (
+    CHAT_OPENAPI,
+    CHAT_RESPONSES,
+    ERRORS,
+    clean_request_id,
+    install_error_handlers,
+    key_matches,
+    read_body,
+)
 from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway.errors import error_response, to_slm_error
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
@@ -46,31 +43,24 @@ from deployments.gateway.metrics import GatewayMetrics, finish_after
 from deployments.gateway.shadow import ShadowSender
 from deployments.gateway.splits import SplitCache
 from deployments.gateway.streams import timed_chunks
-from deployments.gateway.warmth import Warmth, serve_replica_counts
+from deployments.gateway.warmth import ReplicaCounts, Warmth, serve_replica_counts
 
 log = logging.getLogger("ray.serve")
+CLIENT_CLOSED = 499
 
-api = FastAPI(title="slm-cluster gateway", docs_url=None, redoc_url=None)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # Unknown paths and methods get an OpenAI-style body too.
-    err = InvalidRequestError(f"{request.method} {request.url.path}: {exc.detail}", code="not_found")
-    err.http_status = exc.status_code
-    return error_response(err)
+api = FastAPI(title="slm-cluster gateway", docs_url=None, redoc_url=None)  # /openapi.json stays
+install_error_handlers(api)  # before @serve.ingress, which freezes a copy of the app
 
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
-def validation_message(err: ValidationError) -> tuple[str, str | None]:
-    first = err.errors(include_url=False)[0]
-    param = format_loc(tuple(first["loc"])) or None
-    if first["type"] == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param
-    return f"Invalid value for {param}: {first['msg']}", param
+def _app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside a Serve replica (unit tests): no application
+        return ""
 
 
 @serve.ingress(api)
@@ -94,6 +84,9 @@ class Gateway:
         self.ensemble = Ensemble(config, self._open_call, self.clock, self.figures)
         self.splits = SplitCache(store, config.redis.poll_interval_s, self.clock)
         self.shadows = ShadowSender(config, self.ensemble)
+        # Serve's controller's view of the replicas, read off the request path (/readyz).
+        self.replica_counts: ReplicaCounts = serve_replica_counts(_app_name())
+        self.gpu_ids: dict[str, list[str]] = {}
         self.warmth = self._warmth()
         self.audit = AuditTrail.from_config(config, env, self.clock)
         self.metrics = GatewayMetrics(config, self.clock)
@@ -106,8 +99,7 @@ class Gateway:
             if auto.min_replicas == 0:
                 initial = auto.min_replicas if auto.initial_replicas is None else auto.initial_replicas
                 watched[deployment_name(model.name, version.name)] = initial == 0
-        app = serve.get_replica_context().app_name if watched else ""
-        return Warmth(watched, self.models, serve_replica_counts(app))
+        return Warmth(watched, self.models, self.replica_counts)
 
     async def __del__(self) -> None:
         """Serve awaits this when it stops the replica: the background pollers and warm-ups
@@ -148,33 +140,12 @@ class Gateway:
             return
         header = request.headers.get("authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not any(hmac.compare_digest(token, key) for key in self.api_keys):
+        if not key_matches(token, self.api_keys):
             raise AuthenticationError("Incorrect or missing API key. Send 'Authorization: Bearer <key>'.")
 
-    async def _read_body(self, request: Request) -> bytes:
-        limit = self.config.gateway.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"The request body is {declared} bytes; the limit is {limit}.")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise PayloadTooLargeError(f"The request body is over the limit of {limit} bytes.")
-        return bytes(body)
-
-    def _parse(self, body: bytes) -> ChatCompletionRequest:
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidRequestError("We could not parse the JSON body of your request.", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
-        try:
-            return ChatCompletionRequest.model_validate(data)
-        except ValidationError as err:
-            message, param = validation_message(err)
-            raise InvalidRequestError(message, param=param) from None
+    async def _read(self, request: Request) -> ChatCompletionRequest:
+        gw = self.config.gateway
+        return parse_chat_request(await read_body(request, gw.max_request_bytes, gw.body_timeout_s))
 
     async def _decide(self, requested: str, gen: GenerationRequest) -> RouteDecision:
         if requested != AUTO:
@@ -242,17 +213,17 @@ class Gateway:
 
     # --- endpoints --------------------------------------------------------------------
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI, responses=CHAT_RESPONSES)
     async def chat_completions(self, request: Request) -> Response:
         started_at = self.clock()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = clean_request_id(request.headers.get("x-request-id"))
         decision: RouteDecision | None = None
         first: RouteDecision | None = None
         headers: dict[str, str] = {}
         trail = self.audit.start(request_id, request.headers.get("authorization"), started_at)  # its line goes out at the end
         try:
             self._check_auth(request)
-            wire = self._parse(await self._read_body(request))
+            wire = await self._read(request)
             trail.requested_model, trail.stream = wire.model, wire.stream
             gen = trail.gen = to_generation_request(wire, self.config.gateway, request_id)
             chosen = strategy.parse_strategy(request.headers.get(strategy.STRATEGY_HEADER), self.config.strategy)
@@ -319,6 +290,12 @@ class Gateway:
             self.audit.finish(trail, 200)
             self.metrics.request_done(started_at=started_at, status=200, strategy=chosen, decision=decision, first=first, out=out, snapshot=snap)
             return JSONResponse(body, headers=headers)
+        except asyncio.CancelledError:
+            # The client left (Serve cancels the handler): no response goes out, but the
+            # request still gets its audit line (nginx's 499, "client closed request").
+            trail.first, trail.decision = first, decision
+            self.audit.finish(trail, CLIENT_CLOSED, "client_disconnected")
+            raise
         except Exception as exc:  # noqa: BLE001 - mapped to a typed error in one place
             err = to_slm_error(exc)
             log.info("gateway: %s -> %s %s", request_id, err.http_status, err.code)
@@ -328,7 +305,7 @@ class Gateway:
                                       decision=decision, first=first, snapshot=self.splits.snapshot)
             return error_response(err, headers={**headers, **self._headers(decision, first)})
 
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=ERRORS)
     async def list_models(self, request: Request) -> Response:
         try:
             self._check_auth(request)
@@ -360,23 +337,32 @@ class Gateway:
             return error_response(err)
         return JSONResponse(self.audit.status())
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses=ERRORS)
     async def readyz(self) -> Response:
-        names = list(self.models)
-
+        """Ready when every model deployment has a running replica (or is scaled to zero on
+        purpose), as Serve's controller counts them: never through the request queues, so
+        a loaded gateway stays ready. GPU ids are asked once per deployment, for show."""
         self.warmth.ensure_started()
-
-        async def probe(name: str) -> dict[str, Any]:
-            if name in self.warmth.cold:
-                # Scaled to zero on purpose: probing would start a replica (and wait for it).
-                return {"deployment": name, "ready": True, "replicas": 0}
-            try:
-                info = await asyncio.wait_for(_await(self.models[name].ready.remote()), 5.0)
-                return {"deployment": name, "ready": True, "gpu_ids": info.get("gpu_ids", [])}
-            except Exception as exc:  # noqa: BLE001 - reported per deployment
-                return {"deployment": name, "ready": False, "error": to_slm_error(exc).message}
-
-        results = await asyncio.gather(*(probe(n) for n in names))
-        ok = all(r["ready"] for r in results)
+        try:
+            counts = await asyncio.wait_for(self.replica_counts(), 5.0)
+        except Exception as exc:  # noqa: BLE001 - the controller is unreachable: not ready
+            log.warning("gateway: /readyz cannot read replica counts (%s)", type(exc).__name__)
+            counts = None
+        results = []
+        for name in self.models:
+            running = None if counts is None else counts.get(name, 0)
+            entry: dict[str, Any] = {"deployment": name, "ready": bool(running) or name in self.warmth.cold, "replicas": running}
+            if running and name not in self.gpu_ids:
+                await self._learn_gpu_ids(name)
+            if name in self.gpu_ids:
+                entry["gpu_ids"] = self.gpu_ids[name]
+            results.append(entry)
+        ok = counts is not None and all(r["ready"] for r in results)
         return JSONResponse({"ready": ok, "deployments": results}, status_code=200 if ok else 503)
 
+    async def _learn_gpu_ids(self, name: str) -> None:
+        try:
+            info = await asyncio.wait_for(_await(self.models[name].ready.remote()), 1.0)
+            self.gpu_ids[name] = list(info.get("gpu_ids", []))
+        except Exception:  # noqa: BLE001 - placement facts are optional; readiness does not wait on them
+            return

@@ -11,22 +11,27 @@ from deployments.gateway.errors import to_slm_error
 
 
 async def collect_completion(chunks: AsyncIterator[GenerationChunk], meta: dict[str, Any], *, logprobs: bool) -> dict[str, Any]:
+    """One chat.completion body. ``chunks`` is closed however this ends (a final chunk, an
+    error, or the client leaving), explicitly rather than by garbage collection."""
     parts: list[str] = []
     lps: list[tuple[str, float]] = []
-    async for chunk in chunks:
-        parts.append(chunk.text)
-        lps.extend((lp.token, lp.logprob) for lp in chunk.logprobs)
-        if chunk.is_final:
-            assert chunk.usage is not None and chunk.finish_reason is not None  # the Engine contract
-            return completion_body(
-                completion_id=meta["id"],
-                created=meta["created"],
-                model=meta["model"],
-                text="".join(parts),
-                finish_reason=chunk.finish_reason,
-                usage=usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens),
-                logprobs=lps if logprobs else None,
-            )
+    try:
+        async for chunk in chunks:
+            parts.append(chunk.text)
+            lps.extend((lp.token, lp.logprob) for lp in chunk.logprobs)
+            if chunk.is_final:
+                assert chunk.usage is not None and chunk.finish_reason is not None  # the Engine contract
+                return completion_body(
+                    completion_id=meta["id"],
+                    created=meta["created"],
+                    model=meta["model"],
+                    text="".join(parts),
+                    finish_reason=chunk.finish_reason,
+                    usage=usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens),
+                    logprobs=lps if logprobs else None,
+                )
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
     raise AssertionError("timed_chunks always ends with a final chunk or raises")
 
 

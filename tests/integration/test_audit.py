@@ -147,3 +147,20 @@ def test_a_failing_sink_does_not_fail_requests(setup: dict) -> None:
             break
         time.sleep(0.2)
     assert sink["failed"] == 3 and sink["written"] == 0 and sink["last_error"]
+
+
+def test_a_client_that_leaves_before_the_answer_still_gets_its_line(setup: dict) -> None:
+    """Serve cancels the handler when the client disconnects; the line is written as 499."""
+    base, path = setup["base_url"], setup["path"]
+    body = {"model": "frontier", "messages": [{"role": "user", "content": f"slow please {MARKER}"}]}
+    with pytest.raises(httpx.TimeoutException):
+        # The frontier takes 200 ms to its first token; the client gives up after 50 ms.
+        httpx.post(f"{base}/v1/chat/completions", json=body, headers={"x-request-id": "leaver-1"}, timeout=0.05)
+    deadline = time.monotonic() + 15
+    while True:
+        found = [r for r in audit.read_records(path) if r["request_id"] == "leaver-1"]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(found) == 1, "the request of a client that left has no audit line"
+    assert (found[0]["status"], found[0]["error_code"]) == (499, "client_disconnected")

@@ -216,7 +216,7 @@ async def test_prompt_is_the_chat_template_with_the_system_prompt() -> None:
     # "<system>Be brief." / "<user>hi" / "<assistant>": one fake token per piece
     assert prompt == {"prompt_token_ids": [len("system>Be brief."), len("user>hi"), len("assistant>")]}
     assert params == {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": ["\n"]}
-    assert engine_id.startswith("req-1")
+    assert len(engine_id) == 32 and "req-1" not in engine_id  # our own id, never the client's
 
 
 async def test_deltas_in_order_then_one_final_chunk_with_usage() -> None:
@@ -269,7 +269,7 @@ async def test_closing_the_stream_early_aborts_the_request() -> None:
     assert (await anext(stream)).text == "a"
     await stream.aclose()
     engine_id = llm.calls[0][2]
-    assert llm.aborted == [engine_id] and engine_id.startswith("abort-me")
+    assert llm.aborted == [engine_id] and len(engine_id) == 32
     assert llm.closed_early == [engine_id]  # and vLLM's own generator was closed
 
 
