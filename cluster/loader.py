@@ -1,11 +1,15 @@
 """Load a cluster config from a file, a profile name or a dict, with every error named.
 
 A ``ConfigError`` lists each problem as (field path, reason), e.g.
-``models[0].versions[1].autoscaling: need min_replicas <= ...``.
+``models[code].versions[v2].autoscaling: need min_replicas <= ...``: list items that carry
+a unique ``name`` are named by it, others by their position. Every violation is listed:
+field errors, and the cross-field rules run on a best-effort repair of the config
+(``cluster.config_repair``), so that a typo does not hide, say, a second general model.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from importlib import resources
 from pathlib import Path
@@ -15,29 +19,16 @@ import yaml
 from pydantic import ValidationError
 
 from cluster.config import ClusterConfig, CrossFieldIssues
+from cluster.config_repair import cross_field_after_repair, did_you_mean, format_loc, named_path
 from cluster.errors import ConfigError
 
 PROFILES = ("local", "gpu", "sim")
+__all__ = ["PROFILES", "config_from_dict", "format_loc", "load_config", "load_profile", "resolve_config"]
 
 
-def format_loc(loc: tuple[Any, ...]) -> str:
-    """pydantic's ``('models', 0, 'versions', 1, 'engine', 'hf', 'device')`` -> ``models[0].versions[1].engine.device``.
-
-    Discriminated unions add the tag as a path element; it is dropped, since it is not a
-    key the user wrote.
-    """
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("hf", "vllm", "sglang", "remote_openai", "fake") and out.endswith("engine"):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def issues_from_validation(err: ValidationError) -> list[tuple[str, str]]:
+def issues_from_validation(err: ValidationError, data: Any = None) -> list[tuple[str, str]]:
+    """(path, reason) per error; with the validated ``data``, unknown keys get a "did you
+    mean" hint and list items are named (``models[code]``)."""
     issues: list[tuple[str, str]] = []
     errors = err.errors(include_url=False)
     locs = [tuple(e["loc"]) for e in errors]
@@ -54,7 +45,11 @@ def issues_from_validation(err: ValidationError) -> list[tuple[str, str]]:
                 issues.append((f"{prefix}.{path}" if prefix else path, reason))
             continue
         message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and loc:
+            message += did_you_mean(loc)
         issues.append((prefix, message))
+    if data is not None:
+        issues = [(named_path(path, data), reason) for path, reason in issues]
     return issues
 
 
@@ -64,15 +59,20 @@ def config_from_dict(data: Any, *, source: str = "<dict>") -> ClusterConfig:
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as err:
-        issues = tuple(issues_from_validation(err))
-        raise ConfigError(f"{len(issues)} problem(s) in the cluster config", issues=issues, source=source) from None
+        issues = issues_from_validation(err, data)
+        issues += [i for i in cross_field_after_repair(data, err) if i not in issues]
+        raise ConfigError(f"{len(issues)} problem(s) in the cluster config", issues=tuple(issues), source=source) from None
 
 
 def parse_text(text: str, *, source: str) -> Any:
     try:
         if source.endswith(".json"):
             return json.loads(text)
-        return yaml.safe_load(text)
+        # A named stream, so that syntax errors say `in "FILE", line 3` (a plain string
+        # would be `"<unicode string>"`).
+        stream = io.StringIO(text)
+        stream.name = source  # type: ignore[misc]
+        return yaml.safe_load(stream)
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         raise ConfigError("not valid YAML/JSON", issues=(("", f"cannot parse: {err}"),), source=source) from None
 

@@ -9,7 +9,7 @@ import time
 from importlib import metadata
 from typing import Sequence
 
-from cluster.cli import audit_cmd, embedded_redis, gate_cmd, nodes
+from cluster.cli import audit_cmd, embedded_redis, gate_cmd, guidance, nodes
 from cluster.cli.ray_cluster import LocalCluster, RayClusterError
 from cluster.cli.report import app_view, progress_line, status_table
 from cluster.config import ClusterConfig
@@ -57,37 +57,6 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
                         metrics_port=getattr(args, "metrics_port", 8080))
 
 
-def _cluster_flag(cluster: LocalCluster) -> str:
-    return f" --address {cluster.dashboard_url}" if cluster.joined else ""
-
-
-def _ready_banner(cfg: ClusterConfig, host: str, port: int, cluster: LocalCluster) -> str:
-    wildcard = host in ("0.0.0.0", "::")
-    # Serve runs a proxy on every node with replicas; on a joined cluster the head's
-    # address is the one this machine knows to reach.
-    shown = (cluster.host if cluster.joined else "127.0.0.1") if wildcard else host
-    base = f"http://{shown}:{port}"
-    flag = _cluster_flag(cluster)
-    auth = f' -H "Authorization: Bearer $${cfg.gateway.api_keys_env}"' if cfg.gateway.api_keys_env else ""
-    return "\n".join(
-        [
-            "",
-            "slm-cluster is up.",
-            f"  OpenAI API:    {base}/v1   (models: {base}/v1/models)",
-            f"  Health:        {base}/healthz   {base}/readyz",
-            f"  Ray dashboard: {cluster.dashboard_url}",
-            *([] if cluster.joined else [f"  Metrics:       {cluster.metrics_url}   (Prometheus; docs/observability.md)"]),
-            "",
-            "Try it:",
-            f"  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
-            """-d '{"model": "auto", "messages": [{"role": "user", "content": "Write a Python function that reverses a string."}], "max_tokens": 64}'""",
-            "",
-            f"slmctl status{flag}   # deployments, replicas, GPU fractions, the node of each replica",
-            f"slmctl down{flag}     # " + ("delete the application (the cluster keeps running)" if cluster.joined else "stop everything"),
-        ]
-    )
-
-
 def _wait_until_running(cluster: LocalCluster, app: str, timeout_s: float) -> int:
     start = time.monotonic()
     last_line, last_print = "", 0.0
@@ -123,6 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     port = args.port or cfg.gateway.port
     host = args.host or cfg.gateway.host
     cluster = _cluster(args)
+    started = False
     if cluster.joined:
         if not _join(cluster, args):
             return EXIT_FAILED
@@ -131,6 +101,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         started = cluster.start(num_cpus=args.num_cpus, num_gpus=args.num_gpus, throughput_optimized=args.throughput_optimized)
         if not started:
             _say("  a Ray cluster is already running there; deploying onto it")
+    # A cluster this call started runs nothing yet; on any other, say what would be replaced.
+    refusal = None if started else guidance.replace_refusal(cluster.serve_details(), args.replace)
+    if refusal:
+        _say(refusal)
+        return EXIT_FAILED
     cpus, gpus = cluster.resources()
     if _unfit(cfg, cpus, gpus, args.skip_fit_check, "The plan does not fit this cluster:",
               "Nothing was deployed. Lower the resources in the config, or start with more (--num-cpus/--num-gpus)."):
@@ -140,7 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     cluster.deploy(render_serve_config(cfg, host=host, port=port))
     code = _wait_until_running(cluster, cfg.name, args.timeout_s)
     if code == EXIT_OK:
-        _say(_ready_banner(cfg, host, port, cluster))
+        _say(guidance.ready_banner(cfg, host, port, cluster))
     return code
 
 
@@ -220,8 +195,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     details = cluster.serve_details()
     apps = list((details.get("applications") or {}).keys())
+    auth = guidance.ray_auth_lines(cluster.dashboard_url, cluster.token_source(), cluster.token_auth_required())
     if not apps:
-        _say("Ray is running, but no Serve application is deployed.")
+        _say("\n".join(["Ray is running, but no Serve application is deployed.", *auth]))
         return EXIT_FAILED
     cpus, gpus = cluster.resources()
     node_list = nodes.nodes_from_summary(cluster.node_summary())
@@ -251,6 +227,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             worst = EXIT_FAILED
     _say(nodes.nodes_table(node_list, replicas))
     _say(f"cluster: {len(node_list)} node(s), {cpus:g} CPUs, {gpus:g} GPUs; dashboard {cluster.dashboard_url}")
+    for line in auth:
+        _say(line)
     return worst
 
 
@@ -273,7 +251,12 @@ def cmd_down(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     stop_ray = not args.keep_ray and cluster.started_by_slmctl()
     if cluster.dashboard_up():
-        _say("Deleting Serve applications ...")
+        try:
+            apps = guidance.running_apps(cluster.serve_details())
+            shown = ", ".join(f"{name} ({len(deps)} deployments)" for name, deps in apps) or "none running"
+        except RayClusterError as err:
+            shown = f"all of them (cannot list them: {err})"
+        _say(f"Deleting the Serve applications at {cluster.dashboard_url}: {shown} ...")
         try:
             cluster.delete_applications()
         except RayClusterError as err:
@@ -285,11 +268,15 @@ def cmd_down(args: argparse.Namespace) -> int:
         _say(f"No Ray dashboard answers at {cluster.dashboard_url}; nothing to delete.")
         return EXIT_FAILED
     if stop_ray:
-        _say("Stopping Ray ...")
+        # `ray stop` has no notion of one cluster: it ends every Ray process of this user here.
+        _say(f"Stopping the local Ray that `slmctl up` started (dashboard {cluster.dashboard_url}) with `ray stop --force`, "
+             "which ends every Ray process of this user on this machine ...")
         cluster.stop()
     elif cluster.joined:
         _say(f"Left the Ray cluster at {cluster.dashboard_url} running: slmctl did not start it.")
-    elif not args.keep_ray and cluster.dashboard_up():
+    elif args.keep_ray:
+        _say(f"Left Ray at {cluster.dashboard_url} and the embedded Redis running (--keep-ray).")
+    elif cluster.dashboard_up():
         _say(f"Left Ray at {cluster.dashboard_url} running: `slmctl up` did not start it (`ray stop` stops it).")
     if not cluster.joined and not args.keep_ray and embedded_redis.stop(args.dashboard_port):
         _say("Stopped the embedded Redis (its data stays for the next `slmctl up`).")
@@ -324,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--frontier-api-key-env", help="env var holding the API key for --frontier-url")
     up.add_argument("--timeout-s", type=float, default=900, help="give up waiting after this long (default 900)")
     up.add_argument("--skip-fit-check", action="store_true", help="deploy even if the plan does not fit")
+    up.add_argument("--replace", action="store_true", help="replace the Serve applications already running on the cluster")
     up.add_argument(
         "--throughput-optimized",
         action=argparse.BooleanOptionalAction,

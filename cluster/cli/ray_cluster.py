@@ -149,14 +149,33 @@ class LocalCluster:
         return not marked or head is None or head == marked
 
     @staticmethod
-    def _auth_headers() -> dict[str, str]:
-        # Ray 2.5x+ enables token auth by default; `ray start` writes the token here.
-        token = os.environ.get("RAY_AUTH_TOKEN")
-        path = os.path.expanduser("~/.ray/auth_token")
-        if not token and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
+    def token_source() -> str | None:
+        """Where Ray's token comes from, as Ray's own clients look: ``RAY_AUTH_TOKEN``, the
+        file ``RAY_AUTH_TOKEN_PATH`` names, else ``~/.ray/auth_token`` (``ray start`` writes
+        it); None when there is none."""
+        if os.environ.get("RAY_AUTH_TOKEN"):
+            return "$RAY_AUTH_TOKEN"
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        return path if os.path.exists(path) else None
+
+    @classmethod
+    def _auth_headers(cls) -> dict[str, str]:
+        # Ray 2.5x+ enables token auth by default; `ray start` writes the token.
+        source, token = cls.token_source(), None
+        if source == "$RAY_AUTH_TOKEN":
+            token = os.environ["RAY_AUTH_TOKEN"]
+        elif source is not None:
+            with open(source, encoding="utf-8") as f:
                 token = f.read().strip()
         return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def token_auth_required(self) -> bool:
+        """Whether the dashboard refuses a request without a token (then so do `ray status`
+        and `serve status` until the user sets RAY_AUTH_MODE=token)."""
+        try:
+            return httpx.get(f"{self.dashboard_url}/api/version", timeout=2).status_code == 401
+        except httpx.HTTPError:
+            return False
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

@@ -25,7 +25,7 @@ def test_validate_names_file_field_and_reason(tmp_path) -> None:
     bad.write_text(json.dumps({"models": [{"name": "code", "role": "boss", "versions": [{"name": "v1", "engine": {"kind": "fake"}}]}]}))
     res = slmctl("validate", str(bad))
     assert res.code == 2
-    assert f"{bad}: models[0].role: Input should be 'specialist', 'general' or 'frontier'" in res.out
+    assert f"{bad}: models[code].role: Input should be 'specialist', 'general' or 'frontier'" in res.out
     good = tmp_path / "good.json"
     good.write_text(json.dumps(quarter_gpu_config(4)))
     assert slmctl("validate", str(good)).code == 0

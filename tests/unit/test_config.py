@@ -59,7 +59,7 @@ def test_frozen_and_unknown_keys_rejected() -> None:
         cfg.name = "other"  # type: ignore[misc]
     data = base()
     data["models"][0]["versions"][0]["colour"] = "red"
-    assert issues_of(data) == [("models[0].versions[0].colour", "Extra inputs are not permitted")]
+    assert issues_of(data) == [("models[code].versions[v1].colour", "Extra inputs are not permitted")]
 
 
 def test_every_field_has_a_description() -> None:
@@ -97,26 +97,26 @@ def test_every_field_has_a_description() -> None:
             lambda d: d["models"].append(
                 {"name": "code2", "role": "specialist", "domains": ["code"], "versions": [{"name": "v1", "engine": FAKE}]}
             ),
-            "models[3].domains",
+            "models[code2].domains",
             "served by both 'code' and 'code2'",
         ),
-        (lambda d: d["models"][0]["versions"].append({"name": "v1", "engine": FAKE}), "models[0].versions", "appears 2 times"),
-        (lambda d: d["models"][0].update(current_version="v7"), "models[0].current_version", "not one of its versions"),
-        (lambda d: d["models"][0].update(domains=[]), "models[0].domains", "at least one domain"),
-        (lambda d: d["models"][1].update(domains=["math"]), "models[1].domains", "only specialists"),
+        (lambda d: d["models"][0]["versions"].append({"name": "v1", "engine": FAKE}), "models[code].versions", "appears 2 times"),
+        (lambda d: d["models"][0].update(current_version="v7"), "models[code].current_version", "not one of its versions"),
+        (lambda d: d["models"][0].update(domains=[]), "models[code].domains", "at least one domain"),
+        (lambda d: d["models"][1].update(domains=["math"]), "models[general].domains", "only specialists"),
         (
             lambda d: d["models"][0]["versions"][0].update(autoscaling={"min_replicas": 2, "max_replicas": 1}),
-            "models[0].versions[0].autoscaling",
+            "models[code].versions[v1].autoscaling",
             "min_replicas <= initial_replicas <= max_replicas",
         ),
         (
             lambda d: d["models"][0]["versions"][0].update(autoscaling={"min_replicas": 1, "initial_replicas": 5, "max_replicas": 3}),
-            "models[0].versions[0].autoscaling",
+            "models[code].versions[v1].autoscaling",
             "1 <= 5 <= 3",
         ),
-        (lambda d: d["models"][0]["versions"][0].update(engine={"kind": "tpu"}), "models[0].versions[0].engine", "tag"),
-        (lambda d: d["models"][0]["versions"][0].update(resources={"num_gpus": -0.5}), "models[0].versions[0].resources.num_gpus", ""),
-        (lambda d: d["models"][0]["versions"][0].update(max_queued_requests=0), "models[0].versions[0]", "max_queued_requests"),
+        (lambda d: d["models"][0]["versions"][0].update(engine={"kind": "tpu"}), "models[code].versions[v1].engine", "tag"),
+        (lambda d: d["models"][0]["versions"][0].update(resources={"num_gpus": -0.5}), "models[code].versions[v1].resources.num_gpus", ""),
+        (lambda d: d["models"][0]["versions"][0].update(max_queued_requests=0), "models[code].versions[v1]", "max_queued_requests"),
         (lambda d: d.update(router={"kind": "neural"}), "router.kind", "heuristic"),
         (lambda d: d.update(gateway={"default_max_tokens": 900, "max_tokens_cap": 100}), "gateway", "default_max_tokens"),
     ],
@@ -133,7 +133,7 @@ def test_all_cross_field_issues_reported_at_once() -> None:
     data["models"].pop(1)  # no general
     data["models"][0]["current_version"] = "v9"
     paths = {p for p, _ in issues_of(data)}
-    assert {"models", "models[0].current_version"} <= paths
+    assert {"models", "models[code].current_version"} <= paths
 
 
 def test_format_loc_drops_union_tags() -> None:

@@ -122,9 +122,9 @@ def test_fraction_memory_mismatch_and_tensor_parallelism_beyond_the_gpus_are_con
         config_from_dict(_config([_vllm("v1", gpus=0.25, mem=0.4), _vllm("v2", gpus=1, mem=0.9, tp=2)]))
     issues = dict(err.value.issues)
     assert "gpu_memory_utilization 0.4 claims more of the GPU than the replica's resources.num_gpus 0.25" in (
-        issues["models[0].versions[0].engine.gpu_memory_utilization"]
+        issues["models[general].versions[v1].engine.gpu_memory_utilization"]
     )
-    assert "tensor_parallel_size 2" in issues["models[0].versions[1].engine.tensor_parallel_size"]
+    assert "tensor_parallel_size 2" in issues["models[general].versions[v2].engine.tensor_parallel_size"]
 
 
 def test_as_configured_packs_the_configs_fractions_and_warns_when_memory_is_short() -> None:
