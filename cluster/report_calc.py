@@ -61,6 +61,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     small_wins = sum(1 for r in races if r.get("race_winner") == "small")
     cost = sum(float(r.get("cost_usd") or 0) for r in recs)
     energy = sum(float(r.get("energy_j") or 0) for r in recs)
+    # Every call's completion tokens, cancelled calls included, as the energy counts them.
+    tokens = sum(int(c.get("completion_tokens") or 0) for r in recs for c in (r.get("calls") or ()))
     frontier = sum(float(r["frontier_cost_usd"]) for r in recs if r.get("frontier_cost_usd") is not None)
     status: dict[str, int] = defaultdict(int)
     for rec in recs:
@@ -77,6 +79,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "race": {"requests": len(races), "small_wins": small_wins, "win_rate": _share(small_wins, len(races))},
         "cost_usd": cost,
         "energy_j": energy,
+        "completion_tokens": tokens,
+        "energy_j_per_token": energy / tokens if tokens else None,
         "frontier_cost_usd": frontier,
         "saving_usd": frontier - cost,
         "saving_pct": (frontier - cost) / frontier * 100 if frontier > 0 else None,
@@ -118,4 +122,6 @@ def format_text(s: dict[str, Any]) -> str:
     lines.append(f"race win rate (small model): {race['win_rate']:.1%} ({race['small_wins']} of {race['requests']} races)")
     saving = "-" if s["saving_pct"] is None else f"{s['saving_pct']:.1f}%"
     lines.append(f"cost: ${s['cost_usd']:.6f}  energy: {s['energy_j']:.1f} J  frontier-only: ${s['frontier_cost_usd']:.6f}  saving: {saving}")
+    per_token = "-" if s["energy_j_per_token"] is None else f"{s['energy_j_per_token']:.3f} J"
+    lines.append(f"completion tokens: {s['completion_tokens']} (every call, cancelled ones included)  energy per token: {per_token}")
     return "\n".join(lines)

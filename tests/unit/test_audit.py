@@ -122,6 +122,10 @@ def test_report_totals_are_the_sums_of_the_lines() -> None:
     assert s["models"]["code"]["latency_ms"] == {"p50": 150.0, "p95": 195.0}
     assert s["status"] == {"200": 3, "400": 1} and s["errors"] == 1
     assert "saving: 52.0%" in report_calc.format_text(s)
+    tokens = sum(c["completion_tokens"] for r in lines for c in r["calls"])
+    assert tokens > 0 and s["completion_tokens"] == tokens
+    assert s["energy_j_per_token"] == pytest.approx(15.0 / tokens)
+    assert "energy per token" in report_calc.format_text(s)
 
 
 def test_percentiles() -> None:
@@ -132,7 +136,7 @@ def test_percentiles() -> None:
 
 def test_an_empty_report() -> None:
     s = report_calc.summarize([])
-    assert s["requests"] == 0 and s["saving_pct"] is None
+    assert s["requests"] == 0 and s["saving_pct"] is None and s["energy_j_per_token"] is None
     report_calc.format_text(s)
 
 
