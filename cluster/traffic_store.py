@@ -32,6 +32,11 @@ class TrafficStoreUnavailable(EngineUnavailableError):
     default_code = "traffic_store_unavailable"
 
 
+class FiguresMaybeWritten(TrafficStoreUnavailable):
+    """A figures write timed out after it was sent: Redis may have applied it. HINCRBY is not
+    idempotent, so the writer must not send it again (that would count the second twice)."""
+
+
 @dataclass(frozen=True)
 class TrafficSnapshot:
     revision: int
@@ -175,7 +180,14 @@ class RedisTrafficStore:
             for name, value in window.to_fields().items():
                 pipe.hincrby(key, name, value)
             pipe.expire(key, FIGURES_TTL_S)
-        await self._call(pipe.execute())
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            await self._call(pipe.execute())
+        except TrafficStoreUnavailable as err:
+            if isinstance(err.__context__, (RedisTimeoutError, TimeoutError)):
+                raise FiguresMaybeWritten(f"figures write to {_redacted(self.url)} timed out; it may have been applied") from None
+            raise
 
     async def read_figures(self, model: str, version: str, start_s: int, end_s: int) -> Window:
         """One version's figures over the seconds [start_s, end_s), all gateways merged."""

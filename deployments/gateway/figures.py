@@ -17,6 +17,7 @@ from typing import Callable
 from cluster.errors import SLMError
 from cluster.figures import Window
 from cluster.protocols import TrafficStore
+from cluster.traffic_store import FiguresMaybeWritten
 from deployments.gateway.ensemble import Call
 
 log = logging.getLogger("ray.serve")
@@ -30,6 +31,7 @@ class FigureRecorder:
         self.flush_s = flush_s
         self.keep_s = keep_s
         self.pending: dict[tuple[str, str, int], Window] = {}
+        self.dropped = 0
         self._task: asyncio.Task | None = None
 
     def _window(self, call: Call) -> Window:
@@ -61,6 +63,11 @@ class FigureRecorder:
         entries = [(m, v, s, self.pending.pop((m, v, s))) for m, v, s in ready]
         try:
             await self.store.add_figures(entries)
+        except FiguresMaybeWritten:
+            # Sent, maybe applied: a retry could count these seconds twice, so they are
+            # dropped (figures are for analysis; a lost second is better than a doubled one).
+            self.dropped += len(entries)
+            log.warning("gateway: a figures write timed out after it was sent; %d entries not retried", len(entries))
         except SLMError:
             for m, v, s, w in entries:  # keep them for the next try, within keep_s
                 if now - s <= self.keep_s:

@@ -69,3 +69,38 @@ async def test_the_recorder_flushes_finished_seconds_and_keeps_them_while_the_st
     got = await store.read_figures("code", "v2", 100, 101)
     assert (got.requests, got.errors, got.gated, got.escalated) == (2, 1, 1, 1)
     assert got.p95_latency_s() is not None and got.p95_ttft_s() is not None
+
+
+async def test_a_write_that_timed_out_after_sending_is_not_retried() -> None:
+    """HINCRBY is not idempotent: resending a write Redis may have applied would count those
+    seconds twice (a canary's analysis would see requests that never happened)."""
+    from cluster.traffic_store import FiguresMaybeWritten
+    from cluster.types import RouteDecision
+    from deployments.gateway.figures import FigureRecorder
+
+    class Applied(MemoryTrafficStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes = 0
+
+        async def add_figures(self, entries):  # type: ignore[no-untyped-def]
+            self.writes += 1
+            await super().add_figures(entries)  # applied...
+            if self.writes == 1:
+                raise FiguresMaybeWritten("timed out reading the reply")  # ...but the reply was lost
+
+    class FakeCall:
+        decision = RouteDecision("code", "v3", "named")
+        final, cancelled = object(), False
+        started_at, first_at, ended_at = 0.0, 0.1, 0.5
+
+    now = [100.0]
+    store = Applied()
+    rec = FigureRecorder(store, wall=lambda: now[0])
+    for _ in range(6):
+        rec.call_done(FakeCall())
+    now[0] = 101.0
+    await rec.flush()
+    await rec.flush()
+    assert (await store.read_figures("code", "v3", 100, 101)).requests == 6  # not 12
+    assert rec.dropped == 1 and rec.pending == {}
