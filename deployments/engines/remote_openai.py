@@ -115,7 +115,7 @@ class RemoteOpenAIEngine:
             raise EngineUnavailableError("remote_openai engine is not started")
         deadline = _Deadline(self._clock, self.config.total_timeout_s)
         messages = with_system_prompt(request, self.system_prompt)
-        response = await self._open(self._client, self._payload(request, messages), request.request_id, deadline)
+        response = await self._open(self._client, self._payload(request, messages), deadline)
         try:
             lines = response.aiter_lines()
             events = SSEDecoder()
@@ -159,7 +159,7 @@ class RemoteOpenAIEngine:
             body["logprobs"] = True
         return body
 
-    async def _open(self, client: httpx.AsyncClient, body: dict[str, Any], request_id: str, deadline: _Deadline) -> httpx.Response:
+    async def _open(self, client: httpx.AsyncClient, body: dict[str, Any], deadline: _Deadline) -> httpx.Response:
         """Sends the request and returns the streaming response once its status is 2xx;
         an error status is read, closed and raised as a typed error."""
         outgoing = client.build_request("POST", self._url, json=body, headers={"X-Request-ID": uuid.uuid4().hex})

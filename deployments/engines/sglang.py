@@ -33,7 +33,6 @@ API facts relied on (SGLang >= 0.5, checked against current main):
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
 
@@ -236,7 +235,6 @@ class SGLangEngine:
         self._cumulative = streams_cumulative_text(config)
         # The rid given to SGLang is the request id plus a per-engine sequence number, so a
         # retry reusing a request id cannot collide with an attempt still running here.
-        self._seq = itertools.count()
 
     async def start(self) -> None:
         """Load the model. Raises ``EngineUnavailableError`` when SGLang is missing and

@@ -31,7 +31,6 @@ API facts relied on (vLLM >= 0.10, checked against current main):
 from __future__ import annotations
 
 import inspect
-import itertools
 import uuid
 from contextlib import suppress
 from dataclasses import dataclass
@@ -224,7 +223,6 @@ class VLLMEngine:
         # The id given to vLLM is the request id plus a per-engine sequence number: a retry that
         # reuses a request id while the first attempt still runs must not collide in vLLM
         # (older releases reject a duplicate id with a ValueError, which would read as a 400).
-        self._seq = itertools.count()
 
     async def start(self) -> None:
         """Load the model. Raises ``EngineUnavailableError`` when vLLM is missing and
