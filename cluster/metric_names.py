@@ -84,6 +84,11 @@ CANCELLED_CALLS = MetricSpec(
     "slm_cancelled_calls_total", COUNTER, "Model calls cancelled by the gateway (race or cascade losers).",
     ("model", "version", "strategy"),
 )
+RETRIED_CALLS = MetricSpec(
+    "slm_retried_calls_total", COUNTER,
+    "Model calls opened again on another replica because theirs died before the first token (docs/faults.md).",
+    ("model", "version"),
+)
 GATE_SCORE = MetricSpec(
     "slm_gate_score", HISTOGRAM, "The quality gate's last score on a request's small answer.", ("model", "strategy"), _SCORE,
 )
@@ -105,7 +110,7 @@ ROUTER_BATCH_SIZE = MetricSpec(
 )
 
 GATEWAY_METRICS = (
-    REQUESTS, REQUEST_DURATION, TTFT, INTER_TOKEN, TOKENS, ESCALATIONS, RACE_WINS, CANCELLED_CALLS,
+    REQUESTS, REQUEST_DURATION, TTFT, INTER_TOKEN, TOKENS, ESCALATIONS, RACE_WINS, CANCELLED_CALLS, RETRIED_CALLS,
     GATE_SCORE, TRAFFIC_WEIGHT, COST, ENERGY, FRONTIER_COUNTERFACTUAL,
 )
 ROUTER_METRICS = (ROUTER_LATENCY, ROUTER_BATCH_SIZE)

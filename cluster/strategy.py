@@ -7,11 +7,12 @@ decides lives here, so each rule is a row in a table test.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from cluster import policy
 from cluster.config import STRATEGIES, ClusterConfig, StrategyConfig
-from cluster.errors import InvalidRequestError
+from cluster.errors import CircuitOpenError, InvalidRequestError
 from cluster.headers import parse_choice
 from cluster.policy import Screened
 from cluster.types import RouteDecision
@@ -61,7 +62,7 @@ class Plan:
     escalated: str = NOT_ESCALATED
     budget_ms: float | None = None
     # why the frontier is not among the tiers although the strategy wanted it
-    frontier_skipped: str | None = None  # "policy" | "budget" | "absent"
+    frontier_skipped: str | None = None  # "policy" | "budget" | "absent" | "breaker"
 
 
 def _decision_for(cfg: ClusterConfig, role_model: str, reason: str) -> RouteDecision:
@@ -79,9 +80,15 @@ def plan(
     screened: Screened,
     budget_ms: float | None,
     expected_ms: dict[str, float],
+    frontier_blocked_s: float = 0.0,
 ) -> Plan:
     """The plan for a request whose first choice is ``first`` (the router's pick for auto,
-    else the named model). ``expected_ms``: deployment name -> expected latency."""
+    else the named model). ``expected_ms``: deployment name -> expected latency.
+
+    ``frontier_blocked_s`` > 0: the frontier's circuit breaker refuses calls for that long.
+    A request naming the frontier then raises ``CircuitOpenError`` (503, ``Retry-After``);
+    one that would escalate keeps its small answer, flagged ``failed`` when it needed the
+    frontier (route escalation at once; cascade and race when the gate fails)."""
     frontier_model = cfg.frontier
     frontier = (
         _decision_for(cfg, frontier_model.name, "frontier:escalated")
@@ -97,11 +104,19 @@ def plan(
             return "absent"
         if not reach(frontier):
             return "policy"
+        if frontier_blocked_s > 0:
+            return "breaker"
         if not fits(elapsed_ms, expected_ms.get(frontier.deployment_name, 0.0), budget_ms):
             return "budget"
         return None
 
     # A named frontier (or anything on the frontier's deployment) is answered directly.
+    if frontier is not None and first.model == frontier.model and frontier_blocked_s > 0:
+        # Any version of the frontier: the breaker is the model's (one upstream).
+        raise CircuitOpenError(
+            f"The frontier model is failing; its circuit breaker is open. Retry in {math.ceil(frontier_blocked_s)} s.",
+            retry_after_s=frontier_blocked_s,
+        )
     if frontier is not None and first.deployment_name == frontier.deployment_name:
         return Plan("route" if strategy == "route" else strategy, (first,), budget_ms=budget_ms)
 
@@ -119,7 +134,7 @@ def plan(
                         escalation_threshold=first.escalation_threshold,
                     )
                     return Plan("route", (up,), escalated=ESCALATED, budget_ms=budget_ms)
-                escalated = SKIPPED_BUDGET if blocked == "budget" else NOT_ESCALATED
+                escalated = {"budget": SKIPPED_BUDGET, "breaker": ESCALATION_FAILED}.get(blocked, NOT_ESCALATED)
                 return Plan("route", (first,), escalated=escalated, budget_ms=budget_ms, frontier_skipped=blocked)
         return Plan("route", (first,), budget_ms=budget_ms)
 
@@ -147,6 +162,9 @@ def plan(
             continue
         if not reach(candidate):
             skipped = skipped or ("policy" if candidate is frontier else None)
+            continue
+        if candidate is frontier and frontier_blocked_s > 0:
+            skipped = "breaker"
             continue
         tiers.append(candidate)
     if not tiers or tiers[0].deployment_name != first.deployment_name:

@@ -2,22 +2,56 @@
 
 Its GPU fraction, autoscaling and ``max_ongoing_requests`` come from the version's config
 (see ``deployments.app``); ``check_health`` is wired to the engine so Serve replaces a
-replica whose engine died.
+replica whose engine died, and fails while a generation is stalled mid-stream
+(``StallWatch``), so a wedged engine is replaced too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, AsyncIterator
+import time
+from typing import Any, AsyncIterator, Callable
 
 from cluster.config import ModelVersionConfig
+from cluster.errors import EngineUnavailableError
 from cluster.load_signals import LoadTracker
 from cluster.types import GenerationChunk, GenerationRequest
 from deployments.engines import create_engine
 from deployments.stream_batching import batched_chunks
 
 log = logging.getLogger("ray.serve")
+
+
+class StallWatch:
+    """When each generation in flight last made progress, counted from its first chunk: a
+    wait for the first token is a queue (the gateway's first-token deadline bounds it), a
+    gap after tokens is a stall. A generation leaves when its engine iterator has closed, so
+    an engine that cannot even abort stays stalled here."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.last: dict[int, float] = {}
+        self._next = 0
+
+    def start(self) -> int:
+        self._next += 1
+        return self._next
+
+    def progress(self, key: int) -> None:
+        self.last[key] = self.clock()
+
+    def with_caller(self, key: int) -> None:
+        """The chunks are the caller's to take: no stall of the engine's until they are."""
+        self.last[key] = float("inf")
+
+    def done(self, key: int) -> None:
+        self.last.pop(key, None)
+
+    def stalled(self, limit_s: float) -> int:
+        """Generations with no progress for longer than ``limit_s``."""
+        now = self.clock()
+        return sum(now - at > limit_s for at in self.last.values())
 
 
 class ModelServer:
@@ -27,6 +61,7 @@ class ModelServer:
         self.engine = create_engine(version.engine, system_prompt=version.system_prompt)
         # The LLM load signals for the autoscaler, counted here so every engine reports them.
         self.load = LoadTracker()
+        self.stalls = StallWatch()
         log.info("model server %s@%s: starting %s engine", model, version.name, version.engine.kind)
         # A failed start raises here, so Serve reports the deployment unhealthy with the
         # typed error's message instead of serving from a half-loaded engine.
@@ -39,16 +74,22 @@ class ModelServer:
         iterator, which aborts the generation."""
         batches = batched_chunks(self.engine.generate(request), self.version.stream_batch_interval_ms / 1000)
         gen = self.load.start()
+        watched = self.stalls.start()
         usage = None
         try:
             async for batch in batches:
                 # A chunk with text is at least one token; the final usage tops up the rest.
                 self.load.tokens(gen, sum(max(1, len(c.logprobs)) for c in batch if c.text))
                 usage = next((c.usage for c in batch if c.usage is not None), usage)
+                self.stalls.with_caller(watched)  # the caller's pace is not the engine's stall
                 yield batch
+                self.stalls.progress(watched)
         finally:
             self.load.finish(gen, usage.completion_tokens if usage is not None else None)
-            await batches.aclose()
+            try:
+                await batches.aclose()
+            finally:
+                self.stalls.done(watched)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve calls this on every replica and hands the figures to the deployment's
@@ -57,6 +98,10 @@ class ModelServer:
         return self.load.snapshot()
 
     async def check_health(self) -> None:
+        limit = self.version.stall_unhealthy_s
+        stalled = self.stalls.stalled(limit)
+        if stalled:
+            raise EngineUnavailableError(f"{stalled} generation(s) streamed tokens and then none for over {limit:g} s: the engine is stalled.")
         await self.engine.check_health()
 
     async def stats(self) -> dict[str, Any]:

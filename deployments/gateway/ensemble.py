@@ -21,8 +21,9 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Protocol
 
 from cluster import costing, gate
+from cluster.breaker import CircuitBreaker
 from cluster.config import ClusterConfig
-from cluster.errors import EngineError, SLMError
+from cluster.errors import EngineError, ReplicaGoneError, SLMError
 from cluster.strategy import (
     ESCALATED,
     ESCALATION_FAILED,
@@ -35,6 +36,7 @@ from cluster.strategy import (
 )
 from cluster.types import GenerationChunk, GenerationRequest, RouteDecision
 from deployments.gateway.errors import to_slm_error
+from deployments.gateway.faults import breaker_guarded, retry_once
 
 # Opens the chunk stream of one model call (the gateway's: ``timed_chunks`` over a handle).
 Opener = Callable[[RouteDecision, GenerationRequest], AsyncIterator[GenerationChunk]]
@@ -70,6 +72,7 @@ class Call:
         self.final: GenerationChunk | None = None
         self.error: SLMError | None = None
         self.cancelled = False
+        self.retries = 0  # reopened on another replica after its replica died (deployments/gateway/faults.py)
         self.prompt_chars = prompt_chars
         self.observer = observer
         self._chunks = chunks
@@ -201,6 +204,10 @@ class Outcome:
     def cancelled(self) -> list[str]:
         return [c.name for c in self.calls if c.cancelled]
 
+    @property
+    def retries(self) -> int:
+        return sum(c.retries for c in self.calls)
+
     def records(self) -> list[costing.CallRecord]:
         out = []
         for call in self.calls:
@@ -229,9 +236,17 @@ class Ensemble:
         self.hedges = HedgeBudget(race.max_hedged_share, race.hedge_burst)
         priors = {f"{m.name}-{v.name}": v.latency_prior_ms for m, v in cfg.deployments()}
         self.latency = LatencyEstimates(priors, cfg.strategy.latency_ewma_alpha)
+        # One breaker for the frontier model, whichever of its versions a call goes to.
+        frontier, bcfg = cfg.frontier, cfg.strategy.frontier_breaker
+        self.breaker = CircuitBreaker(bcfg.settings()) if frontier is not None and bcfg.enabled else None
+        self.frontier_model = frontier.name if frontier is not None else None
 
     def expected_ms(self) -> dict[str, float]:
         return dict(self.latency.values)
+
+    def frontier_blocked_s(self) -> float:
+        """Seconds the frontier's breaker still refuses calls (0.0: calls may go), for the plan."""
+        return self.breaker.blocked_for(self.clock()) if self.breaker is not None else 0.0
 
     # --- calls ------------------------------------------------------------------------
 
@@ -242,7 +257,20 @@ class Ensemble:
     def _open(self, decision: RouteDecision, requests: Callable[[RouteDecision], GenerationRequest]) -> Call:
         req = requests(decision)
         chars = sum(len(m.content) for m in req.messages)
-        return Call(decision, self._observed(decision, self.opener(decision, req)), self.clock, chars, self.observer)
+        call: Call | None = None
+
+        def retried(_: ReplicaGoneError) -> None:
+            if call is not None:
+                call.retries += 1
+
+        def attempt() -> AsyncIterator[GenerationChunk]:
+            return retry_once(lambda: self.opener(decision, req), retried)
+
+        chunks = attempt()
+        if self.breaker is not None and decision.model == self.frontier_model:
+            chunks = breaker_guarded(self.breaker, self.clock, attempt)
+        call = Call(decision, self._observed(decision, chunks), self.clock, chars, self.observer)
+        return call
 
     async def _observed(self, decision: RouteDecision, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
         """The call's stream; a whole answer's latency feeds the deployment's estimate."""
@@ -290,10 +318,10 @@ class Ensemble:
             raise
 
     def _gates(self, plan: Plan) -> bool:
-        # A plan of one tier still gates when its frontier was skipped (budget): the header
-        # then says whether the skip mattered. Without any frontier or escalation target,
-        # there is nothing to gate for.
-        return len(plan.tiers) > 1 or plan.frontier_skipped == "budget"
+        # A plan of one tier still gates when its frontier was skipped (budget, or its
+        # breaker is open): the header then says whether the skip mattered. Without any
+        # frontier or escalation target, there is nothing to gate for.
+        return len(plan.tiers) > 1 or plan.frontier_skipped in ("budget", "breaker")
 
     async def _escalate(self, out: Outcome, fallback: Call | None, target: RouteDecision, open_: Callable[[RouteDecision], Call]) -> Outcome:
         """Start ``target``; when it streams, it answers and the fallback is cancelled. When
@@ -336,10 +364,10 @@ class Ensemble:
                     return out
                 fallback = current
             if i == len(tiers) - 1:
-                # A one-tier plan: its frontier was skipped for the budget before the start.
+                # A one-tier plan: its frontier was skipped (budget or breaker) before the start.
                 if failed:
                     raise current.error  # type: ignore[misc]
-                out.escalated = SKIPPED_BUDGET if plan.frontier_skipped == "budget" else NOT_ESCALATED
+                out.escalated = {"budget": SKIPPED_BUDGET, "breaker": ESCALATION_FAILED}.get(plan.frontier_skipped or "", NOT_ESCALATED)
                 return out
             nxt = tiers[i + 1]
             elapsed_ms = (self.clock() - started_at) * 1000

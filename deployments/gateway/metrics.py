@@ -141,6 +141,7 @@ class GatewayMetrics:
         for call in out.calls:
             if call.cancelled:
                 self._inc(mn.CANCELLED_CALLS, 1, model=call.decision.model, version=call.decision.version, strategy=strat)
+            self._inc(mn.RETRIED_CALLS, call.retries, model=call.decision.model, version=call.decision.version)
         if out.gate_score is not None:
             self._observe(mn.GATE_SCORE, out.gate_score, model=small, strategy=strat)
 

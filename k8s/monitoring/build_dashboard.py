@@ -56,8 +56,9 @@ def dashboard() -> dict[str, Any]:
         panel(8, "Race wins (share won by the small model)",
               [(f"sum(rate(ray_slm_race_wins_total{{winner=\"small\"}}{r})) / sum(rate(ray_slm_race_wins_total{r}))", "small"),
                (f"sum by (winner) (rate(ray_slm_race_wins_total{r}))", "{{winner}} /s")], 12, 24, unit="percentunit"),
-        panel(9, "Cancelled calls per second",
-              [(f"sum by (model, strategy) (rate(ray_slm_cancelled_calls_total{r}))", "{{model}} {{strategy}}")], 0, 32),
+        panel(9, "Cancelled and retried calls per second",
+              [(f"sum by (model, strategy) (rate(ray_slm_cancelled_calls_total{r}))", "{{model}} {{strategy}}"),
+               (f"sum by (model) (rate(ray_slm_retried_calls_total{r}))", "{{model}} retried")], 0, 32),
         panel(10, "Quality gate score (p10 / p50)",
               [(f"histogram_quantile({q}, sum by (le, model) (rate(ray_slm_gate_score_bucket{r})))", f"p{int(q * 100)} {{{{model}}}}")
                for q in (0.1, 0.5)], 12, 32),
