@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from cluster.config_keys import KeysConfig
+from cluster.config_faults import BreakerConfig
 from cluster.types import deployment_name
 
 DOMAINS: tuple[str, ...] = ("code", "math", "legal", "medical", "finance", "general")
@@ -59,16 +61,34 @@ class VLLMEngineConfig(Strict):
 
 
 class SGLangEngineConfig(Strict):
+    """Fields are SGLang ``ServerArgs`` names. Each also accepts the matching vLLM name
+    (``model``, ``tensor_parallel_size``, ``gpu_memory_utilization``, ``max_model_len``,
+    ``max_num_seqs``, ``enforce_eager``), so a ``vllm`` engine block switches to SGLang by
+    changing ``kind`` alone."""
+
     kind: Literal["sglang"] = Field(description="SGLang's in-process async Engine, CUDA GPUs only.")
-    model_path: str = Field(description="A local model path or hub id (pre-downloaded).")
-    tp_size: int = Field(1, ge=1, description="Tensor parallel size.")
-    mem_fraction_static: float = Field(0.85, gt=0, le=1, description="Share of GPU memory for weights and KV cache.")
-    context_length: int | None = Field(None, ge=16, description="Context length cap in tokens; the model's when null.")
+    model_path: str = Field(validation_alias=AliasChoices("model_path", "model"), description="A local model path or hub id (pre-downloaded); `model` also accepted.")
+    tp_size: int = Field(1, ge=1, validation_alias=AliasChoices("tp_size", "tensor_parallel_size"), description="Tensor parallel size.")
+    mem_fraction_static: float = Field(
+        0.85, gt=0, le=1, validation_alias=AliasChoices("mem_fraction_static", "gpu_memory_utilization"),
+        description="Share of the whole GPU's memory for weights and KV cache.",
+    )
+    context_length: int | None = Field(
+        None, ge=16, validation_alias=AliasChoices("context_length", "max_model_len"), description="Context length cap in tokens; the model's when null."
+    )
     max_running_requests: int | None = Field(
-        None, ge=1, description="Most requests SGLang runs at once; the capacity planner sizes the KV cache for this many (SGLang's default when null)."
+        None, ge=1, validation_alias=AliasChoices("max_running_requests", "max_num_seqs"),
+        description="Most requests SGLang runs at once; the capacity planner sizes the KV cache for this many (SGLang's default when null)."
     )
     dtype: str = Field("auto", description="Weights dtype passed to SGLang.")
-    extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="Further ServerArgs fields, passed through.")
+    quantization: str | None = Field(None, description="Quantization method passed to SGLang (awq, gptq, fp8, ...).")
+    disable_cuda_graph: bool = Field(
+        False, validation_alias=AliasChoices("disable_cuda_graph", "enforce_eager"), description="Disable CUDA graphs (faster start, slower decode)."
+    )
+    health_check_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the one-token health probe (SGLang's own /health_generate waits 20 s).")
+    extra_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further ServerArgs fields, passed through (incremental_streaming_output defaults to true here)."
+    )
 
 
 class RemoteOpenAIEngineConfig(Strict):
@@ -244,6 +264,10 @@ class ModelVersionConfig(Strict):
     stream_batch_interval_ms: float = Field(
         10.0, ge=0, le=1000, description="After the first chunk, streamed chunks are sent to the gateway in lists at most this often."
     )
+    stall_unhealthy_s: float = Field(
+        20.0, gt=0, description="The replica's health check fails while one of its generations has streamed tokens and then none "
+        "for this long, cancelled or not (a stalled engine; Serve replaces a replica after 3 failed checks; docs/faults.md)."
+    )
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices and energy, for routing and reports.")
     system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
 
@@ -306,6 +330,7 @@ class GatewayConfig(Strict):
     host: str = Field("127.0.0.1", description="HTTP bind address of Serve's proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Serve's proxy.")
     api_keys_env: str | None = Field(None, description="Env var with comma-separated accepted API keys; no auth when null.")
+    keys: KeysConfig = Field(default_factory=KeysConfig, description="Managed API keys: scopes, rate limits, budgets (docs/api_keys.md).")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (413 above).")
     body_timeout_s: float = Field(30.0, gt=0, description="Deadline for reading a request body (408 past it).")
     max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt (all message contents) accepted.")
@@ -378,6 +403,9 @@ class StrategyConfig(Strict):
     race: RaceConfig = Field(default_factory=RaceConfig, description="Racing the small model against the frontier.")
     latency_ewma_alpha: float = Field(
         0.2, gt=0, le=1, description="Weight of the newest answer in each deployment's live latency estimate."
+    )
+    frontier_breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig, description="Stop calling a failing frontier for a cooldown (docs/faults.md)."
     )
 
 

@@ -102,6 +102,28 @@ class RateLimitedError(SLMError):
     retryable = True
 
 
+class ModelNotAllowedError(SLMError):
+    """The API key's scope does not cover the model, strategy or data class asked for."""
+
+    http_status = 403
+    error_type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class RateLimitExceededError(RateLimitedError):
+    """The key is over its requests or tokens per minute (``Retry-After`` says when to retry)."""
+
+    default_code = "rate_limit_exceeded"
+
+
+class QuotaExceededError(SLMError):
+    """The key has spent its USD budget for the UTC day; retrying today will not help."""
+
+    http_status = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
 # --- server and upstream errors (5xx) ------------------------------------------------
 
 
@@ -132,6 +154,31 @@ class EngineTimeoutError(EngineError):
     http_status = 504
     error_type = "timeout"
     default_code = "engine_timeout"
+
+
+class ReplicaGoneError(EngineUnavailableError):
+    """The model replica died or became unreachable during the call (Ray's actor errors).
+    The one error the gateway retries, once, on another replica, and only before the first
+    chunk (``deployments/gateway/faults.py``)."""
+
+    default_code = "replica_unavailable"
+
+
+class CircuitOpenError(EngineUnavailableError):
+    """The frontier's circuit breaker is open: no call goes until ``retry_after_s`` passes."""
+
+    default_code = "frontier_circuit_open"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_circuit, (self.message, self.param, self.code, self.retry_after_s))
+
+
+def _rebuild_circuit(message: str, param: str | None, code: str | None, retry_after_s: float) -> CircuitOpenError:
+    return CircuitOpenError(message, param=param, code=code, retry_after_s=retry_after_s)
 
 
 # --- configuration -------------------------------------------------------------------

