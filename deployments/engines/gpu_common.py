@@ -5,15 +5,23 @@
   errors and aborts the request in the engine when the consumer leaves early.
 - ``ChunkAssembler``: turns per-step deltas into ``GenerationChunk``s (text in order, logprobs
   riding with their text, then exactly one final chunk).
+- ``TokenizerThread``: runs chat templating and tokenisation off the event loop.
+- ``signal_handlers_guarded``: lets an engine constructor that installs signal handlers run
+  off the main thread (a Serve replica's constructor, ``asyncio.to_thread``).
+- ``check_seed``: the seed range every engine accepts (a signed 64-bit integer).
 
 Nothing here imports an engine library: the adapters hand in the library's objects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from contextlib import suppress
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from cluster.errors import ContextLengthExceededError, EngineError, InvalidRequestError, SLMError
 from cluster.types import ChatMessage, FinishReason, GenerationChunk, TokenLogprob, Usage
@@ -61,6 +69,68 @@ def render_prompt_ids(tokenizer: ChatTokenizer, messages: tuple[ChatMessage, ...
         if has_class_named(exc, "TemplateError"):
             raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
         raise EngineError(f"could not apply the model's chat template: {exc}") from exc
+
+
+# vLLM's OpenAI server bounds ``seed`` to torch.long (int64); a larger seed reaches
+# ``torch.Generator.manual_seed`` in the engine core and fails there, not as a 400.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def check_seed(seed: int | None) -> None:
+    """Raises ``InvalidRequestError`` (param ``seed``) for a seed outside int64."""
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise InvalidRequestError(f"seed {seed} is outside the signed 64-bit range [{SEED_MIN}, {SEED_MAX}]", param="seed")
+
+
+class TokenizerThread:
+    """One worker thread per engine for chat templating and tokenisation.
+
+    A long prompt takes milliseconds to template and encode, which would stall every stream
+    on the replica's event loop. One thread, not a pool: a Hugging Face fast tokenizer is not
+    safe to call from several threads at once ("Already borrowed"), which is also why Ray
+    Serve LLM gives its tokenizer a single-worker executor.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_signal_lock = threading.Lock()
+
+
+@contextmanager
+def signal_handlers_guarded() -> Iterator[list[int]]:
+    """Within this block, ``signal.signal`` called off the main thread is skipped (and the
+    signal number recorded in the yielded list) instead of raising ``ValueError``.
+
+    SGLang's ``Engine()`` installs a SIGQUIT handler (its children's "I failed" signal);
+    releases before the upstream guard raise "signal only works in main thread" when the
+    engine is built in a Serve replica or a worker thread. Ray Serve LLM's SGLang engine skips
+    the handler the same way. On the main thread the real ``signal.signal`` runs unchanged.
+    The patch is process-wide while the block runs, so blocks are serialised.
+    """
+    skipped: list[int] = []
+    original = signal.signal
+
+    def guarded(signum: int, handler: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            return original(signum, handler)
+        skipped.append(int(signum))
+        log.warning("not installing a handler for signal %s: not on the main thread", signum)
+        return signal.getsignal(signum)
+
+    with _signal_lock:
+        signal.signal = guarded  # type: ignore[assignment]
+        try:
+            yield skipped
+        finally:
+            signal.signal = original  # type: ignore[assignment]
 
 
 def invalid_request(message: str) -> InvalidRequestError:

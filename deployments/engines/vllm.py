@@ -1,8 +1,10 @@
 """vLLM adapter: the V1 ``AsyncLLM`` engine, in-process, behind the ``Engine`` seam.
 
-vLLM is imported only in ``load_vllm_backend`` (called by ``start()``), so this module imports
-on machines without vLLM or a GPU. The mapping is pure functions over duck-typed vLLM objects,
-and the engine object is injectable (``loader=``), so the unit tests run on small fakes.
+vLLM is imported only in ``load_vllm_backend`` (called by ``start()``, in a worker thread: it
+blocks while the model loads), so this module imports on machines without vLLM or a GPU. The
+mapping is pure functions over duck-typed vLLM objects, and the engine object is injectable
+(``engine_factory=``), so the tests run on ``tests/fakes/vllm_engine.py``. Chat templating and
+tokenisation run on one worker thread per engine (``TokenizerThread``), off the event loop.
 
 API facts relied on (vLLM >= 0.10, checked against current main):
 - ``vllm.v1.engine.async_llm.AsyncLLM.from_engine_args(vllm.engine.arg_utils.AsyncEngineArgs(...))``.
@@ -10,7 +12,16 @@ API facts relied on (vLLM >= 0.10, checked against current main):
   ``vllm.outputs.RequestOutput`` (``.prompt_token_ids``, ``.finished``, ``.outputs[0]``: a
   ``CompletionOutput`` with ``.text``, ``.token_ids``, ``.logprobs`` and ``.finish_reason`` in
   "stop" | "length" | "abort" | "error" | "repetition"). ``prompt`` may be a ``TokensPrompt``
-  dict ``{"prompt_token_ids": [...]}``.
+  dict ``{"prompt_token_ids": [...]}``. "abort" reaches us only when the engine itself dropped
+  the request (our own aborts close the stream first); it is raised as
+  ``EngineUnavailableError`` (503, retryable), never sent as a cut answer with a 200.
+- ``SamplingParams.seed`` seeds a ``torch.Generator``; vLLM's OpenAI server bounds it to int64,
+  and so do we (a 400 naming ``seed``), since a larger one fails inside the engine core.
+- Tensor parallelism above one GPU: the replica reserves ``num_gpus >= tensor_parallel_size``
+  whole GPUs on one node, Ray sets ``CUDA_VISIBLE_DEVICES`` to them, and vLLM's multiprocessing
+  executor (``distributed_executor_backend="mp"``, pinned here) starts its workers inside that
+  reservation. The Ray executor would need a placement group with one GPU bundle per worker,
+  which the Serve deployment does not declare (see docs/engines.md).
 - ``SamplingParams(output_kind=RequestOutputKind.DELTA)`` (``vllm.sampling_params``): each output
   carries only the new text, token ids and logprobs. Chosen over CUMULATIVE: no quadratic
   copying, and vLLM still holds back text that may begin a stop string, so no delta ever
@@ -30,6 +41,7 @@ API facts relied on (vLLM >= 0.10, checked against current main):
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import uuid
 from contextlib import suppress
@@ -51,6 +63,8 @@ from deployments.engines.common import with_system_prompt
 from deployments.engines.gpu_common import (
     ChatTokenizer,
     ChunkAssembler,
+    TokenizerThread,
+    check_seed,
     drive_stream,
     has_class_named,
     invalid_request,
@@ -60,9 +74,9 @@ from deployments.engines.gpu_common import (
 _INSTALL_HINT = "pip install 'slm-cluster[vllm]'"
 
 # vLLM's finish reasons -> ours. "repetition" (a repetition detector ended the answer) is a
-# natural stop, not a cut; "abort" means the engine dropped the request (we never see our own
-# aborts: the stream is closed by then). "error" is handled by ``finish_reason``.
-_FINISH = {"stop": "stop", "length": "length", "repetition": "stop", "abort": "abort"}
+# natural stop, not a cut. "abort" (the engine dropped the request; we never see our own
+# aborts: the stream is closed by then) and "error" are raised by ``finish_reason``.
+_FINISH = {"stop": "stop", "length": "length", "repetition": "stop"}
 
 
 class AsyncLLMLike(Protocol):
@@ -105,12 +119,18 @@ def engine_args_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:
         kwargs["quantization"] = config.quantization
     if config.max_num_seqs is not None:
         kwargs["max_num_seqs"] = config.max_num_seqs
+    if config.tensor_parallel_size > 1:
+        # Workers as child processes on the replica's own GPUs; inside a Ray actor vLLM would
+        # otherwise pick its Ray executor whenever it finds a placement group.
+        kwargs["distributed_executor_backend"] = "mp"
     return {**kwargs, **config.extra_engine_args}
 
 
 def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
     """vLLM ``SamplingParams`` keyword arguments (without ``output_kind``, which the loader
-    pins to DELTA). Unset options are left out so vLLM's defaults apply."""
+    pins to DELTA). Unset options are left out so vLLM's defaults apply. A seed outside
+    int64 is an ``InvalidRequestError`` naming ``seed``."""
+    check_seed(sampling.seed)
     kwargs: dict[str, Any] = {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
     if sampling.stop:
         kwargs["stop"] = list(sampling.stop)
@@ -136,7 +156,10 @@ def token_logprobs(token_ids: Sequence[int], logprobs: Sequence[Any] | None) -> 
 
 
 def finish_reason(reason: str | None) -> FinishReason:
-    """Our finish reason for vLLM's; ``EngineError`` (retryable) for "error" or anything new."""
+    """Our finish reason for vLLM's. "abort" (the engine dropped the request) is
+    ``EngineUnavailableError`` (503, retryable); "error" or anything new is ``EngineError``."""
+    if reason == "abort":
+        raise EngineUnavailableError("vLLM aborted the request (engine-side abort); retry it")
     mapped = _FINISH.get(str(reason))
     if mapped is None:
         raise EngineError(f"vLLM ended the request with finish_reason={reason!r}")
@@ -203,7 +226,8 @@ def load_vllm_backend(config: VLLMEngineConfig) -> VLLMBackend:
 class VLLMEngine:
     """One model version on vLLM's ``AsyncLLM``. See the module docstring for the API used.
 
-    ``loader`` builds the backend in ``start()``; the default starts real vLLM, tests pass fakes.
+    ``engine_factory`` builds the backend in ``start()`` (in a worker thread); the default
+    starts real vLLM, tests pass ``tests/fakes/vllm_engine.fake_vllm_backend``.
     """
 
     capabilities = EngineCapabilities(streaming=True, logprobs=True)
@@ -213,16 +237,14 @@ class VLLMEngine:
         config: VLLMEngineConfig,
         *,
         system_prompt: str | None = None,
-        loader: Callable[[VLLMEngineConfig], VLLMBackend] = load_vllm_backend,
+        engine_factory: Callable[[VLLMEngineConfig], VLLMBackend] = load_vllm_backend,
     ) -> None:
         self.config = config
         self.system_prompt = system_prompt
-        self._loader = loader
+        self._factory = engine_factory
         self._backend: VLLMBackend | None = None
         self._tokenizer: ChatTokenizer | None = None
-        # The id given to vLLM is the request id plus a per-engine sequence number: a retry that
-        # reuses a request id while the first attempt still runs must not collide in vLLM
-        # (older releases reject a duplicate id with a ValueError, which would read as a 400).
+        self._tokenizer_thread: TokenizerThread | None = None
 
     async def start(self) -> None:
         """Load the model. Raises ``EngineUnavailableError`` when vLLM is missing and
@@ -230,7 +252,7 @@ class VLLMEngine:
         if self._backend is not None:
             return
         try:
-            backend = self._loader(self.config)
+            backend = await asyncio.to_thread(self._factory, self.config)
         except SLMError:
             raise
         except Exception as exc:
@@ -243,17 +265,19 @@ class VLLMEngine:
             with suppress(Exception):
                 backend.llm.shutdown()
             raise EngineError(f"vLLM started without a usable tokenizer: {exc}") from exc
+        self._tokenizer_thread = TokenizerThread("vllm-tokenizer")
         self._backend, self._tokenizer = backend, tokenizer
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Text chunks in order, then one final chunk with finish reason and usage. Closing
         or cancelling the iterator aborts the request in vLLM."""
         backend, tokenizer = self._require_started()
-        prompt_ids = render_prompt_ids(tokenizer, with_system_prompt(request, self.system_prompt))
         try:  # vLLM validates sampling options when the object is built
             params = backend.make_sampling_params(sampling_kwargs(request.sampling))
         except Exception as exc:
             raise translate_error(exc) from exc
+        assert self._tokenizer_thread is not None
+        prompt_ids = await self._tokenizer_thread.run(render_prompt_ids, tokenizer, with_system_prompt(request, self.system_prompt))
         engine_id = uuid.uuid4().hex  # ours and unique per attempt, never the client's id
         mapper = _OutputMapper(want_logprobs=request.sampling.logprobs, prompt_tokens=len(prompt_ids))
 
@@ -283,6 +307,9 @@ class VLLMEngine:
         """Stop the engine and free the GPU. Idempotent; safe before ``start()``. A failure
         to stop is raised once as ``EngineError``; the engine counts as stopped either way."""
         backend, self._backend, self._tokenizer = self._backend, None, None
+        thread, self._tokenizer_thread = self._tokenizer_thread, None
+        if thread is not None:
+            thread.close()
         if backend is None:
             return
         try:

@@ -15,7 +15,7 @@ from cluster.protocols import Engine
 from cluster.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.contract.harness import EngineUnderTest
 
-ADAPTERS = ["fake", "hf", "remote_openai"]
+ADAPTERS = ["fake", "hf", "remote_openai", "vllm", "sglang"]
 
 
 def _request(max_tokens: int = 8, logprobs: bool = False, rid: str = "r1") -> GenerationRequest:
@@ -101,7 +101,8 @@ async def test_failures_are_typed_errors(eut: EngineUnderTest) -> None:
     with pytest.raises(SLMError) as info:
         async for _ in eut.broken.generate(_request()):
             pass
-    assert info.value.http_status >= 500 or info.value.http_status in (400, 404, 413, 429)
+    assert type(info.value) is eut.broken_error
+    assert info.value.http_status == eut.broken_status
 
 
 async def test_health(eut: EngineUnderTest) -> None:

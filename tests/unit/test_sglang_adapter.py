@@ -70,8 +70,6 @@ class FakeTokenizer:
 class FakeTokenizerManager:
     events: list[tuple[str, str]]
     tokenizer: Any = field(default_factory=FakeTokenizer)
-    gracefully_exit: bool = False
-    health_check_failed: bool = False
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         self.events.append(("abort", rid))
@@ -126,11 +124,13 @@ class FakeSGLang:
         return [rid for event, rid in self.events if event == "abort"]
 
 
-CONFIG = SGLangEngineConfig(kind="sglang", model_path="org/tiny")
+# SGLang's own (cumulative) stream, so that these scripted tests exercise the delta mapping;
+# the adapter's default (incremental) is covered in test_sglang_engine_fake.py.
+CONFIG = SGLangEngineConfig(kind="sglang", model_path="org/tiny", extra_engine_args={"incremental_streaming_output": False})
 
 
 async def started(fake: FakeSGLang, config: SGLangEngineConfig = CONFIG, **kwargs: Any) -> SGLangEngine:
-    engine = SGLangEngine(config, loader=lambda _: fake, **kwargs)
+    engine = SGLangEngine(config, engine_factory=lambda **_: fake, **kwargs)
     await engine.start()
     return engine
 
@@ -168,7 +168,11 @@ def test_factory_and_protocol() -> None:
 
 
 def test_engine_kwargs_from_config() -> None:
-    assert engine_kwargs(CONFIG) == {"model_path": "org/tiny", "tp_size": 1, "mem_fraction_static": 0.85, "dtype": "auto"}
+    default = SGLangEngineConfig(kind="sglang", model_path="org/tiny")
+    assert engine_kwargs(default) == {
+        "model_path": "org/tiny", "tp_size": 1, "mem_fraction_static": 0.85, "dtype": "auto", "incremental_streaming_output": True,
+    }
+    assert not streams_cumulative_text(default)
     cfg = SGLangEngineConfig(kind="sglang", model_path="m", context_length=2048, extra_engine_args={"dtype": "half", "log_level": "info"})
     kwargs = engine_kwargs(cfg)
     assert kwargs["context_length"] == 2048 and kwargs["dtype"] == "half" and kwargs["log_level"] == "info"
@@ -258,7 +262,7 @@ async def test_held_back_text_is_sent_when_eos_ends_the_answer() -> None:
 
 @pytest.mark.parametrize(
     ("finish", "expected"),
-    [({"type": "stop", "matched": 2}, "stop"), (LENGTH, "length"), ({"type": "abort", "message": "paused"}, "abort")],
+    [({"type": "stop", "matched": 2}, "stop"), (LENGTH, "length")],
 )
 async def test_finish_reasons(finish: dict[str, Any], expected: str) -> None:
     chunks = await collect(await started(FakeSGLang(script=outputs(["x"], finish))), request())
@@ -273,6 +277,7 @@ async def test_finish_reasons(finish: dict[str, Any], expected: str) -> None:
         ({"type": "abort", "message": "server is overloaded", "status_code": 503}, EngineUnavailableError),
         ({"type": "abort", "message": "too many requests", "status_code": 429}, RateLimitedError),
         ({"type": "abort", "message": "internal error", "status_code": 500}, EngineError),
+        ({"type": "abort", "message": "paused"}, EngineUnavailableError),  # dropped by the engine: a 503, not a cut answer
         ({"type": "mystery"}, EngineError),
     ],
 )
@@ -352,10 +357,10 @@ async def test_engine_failures_are_typed_errors(raised: Exception, expected: typ
 
 
 async def test_start_failures_are_typed_and_leave_no_engine() -> None:
-    def boom(_: SGLangEngineConfig) -> Any:
+    def boom(**_: Any) -> Any:
         raise RuntimeError("CUDA out of memory")
 
-    engine = SGLangEngine(CONFIG, loader=boom)
+    engine = SGLangEngine(CONFIG, engine_factory=boom)
     with pytest.raises(EngineError, match="out of memory"):
         await engine.start()
     with pytest.raises(EngineUnavailableError):
@@ -365,20 +370,15 @@ async def test_start_failures_are_typed_and_leave_no_engine() -> None:
 # --- health and lifecycle ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag", ["gracefully_exit", "health_check_failed"])
-async def test_health_and_idempotent_shutdown(flag: str) -> None:
+async def test_health_before_start_and_idempotent_shutdown() -> None:
     fake = FakeSGLang()
-    engine = SGLangEngine(CONFIG, loader=lambda _: fake)
+    engine = SGLangEngine(CONFIG, engine_factory=lambda **_: fake)
     with pytest.raises(EngineUnavailableError):
         await engine.check_health()
     with pytest.raises(EngineUnavailableError):
         await collect(engine, request())
     await engine.shutdown()  # before start: nothing to do
     await engine.start()
-    await engine.check_health()
-    setattr(fake.tokenizer_manager, flag, True)
-    with pytest.raises(EngineUnavailableError):
-        await engine.check_health()
     await engine.shutdown()
     await engine.shutdown()
     assert fake.shutdowns == 1

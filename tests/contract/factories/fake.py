@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from cluster.config import FakeEngineConfig
+from cluster.errors import EngineError
 from deployments.engines.fake import FakeEngine
 from tests.contract.harness import EngineUnderTest
 
@@ -15,4 +16,5 @@ async def make() -> EngineUnderTest:
         await engine.shutdown()
         await broken.shutdown()
 
-    return EngineUnderTest(engine=engine, aborted=lambda: engine.aborted, broken=broken, close=close)
+    return EngineUnderTest(engine=engine, aborted=lambda: engine.aborted, broken=broken, close=close,
+                          broken_error=EngineError, broken_status=502)

@@ -13,6 +13,7 @@ import threading
 import pytest
 
 from cluster.config import HFEngineConfig
+from cluster.errors import ContextLengthExceededError
 from deployments.engines.hf import HFEngine
 from deployments.engines.hf_loading import LoadedModel, load_model
 from tests.contract.harness import EngineUnderTest
@@ -56,4 +57,5 @@ async def make() -> EngineUnderTest:
         await engine.shutdown()
         await broken.shutdown()
 
-    return EngineUnderTest(engine=engine, aborted=lambda: engine.stats.aborted, broken=broken, close=close, long_max_tokens=64)
+    return EngineUnderTest(engine=engine, aborted=lambda: engine.stats.aborted, broken=broken, close=close, long_max_tokens=64,
+                          broken_error=ContextLengthExceededError, broken_status=400)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from cluster.config import RemoteOpenAIEngineConfig
+from cluster.errors import EngineError
 from deployments.engines.remote_openai import RemoteOpenAIEngine
 from tests.contract.harness import EngineUnderTest
 from tests.fakes.openai_upstream import OpenAIUpstream
@@ -33,4 +34,5 @@ async def make() -> EngineUnderTest:
         await asyncio.to_thread(upstream.stop)  # joins the server thread; keep the loop free
         await asyncio.to_thread(failing.stop)
 
-    return EngineUnderTest(engine=engine, aborted=lambda: upstream.disconnected, broken=broken, close=close)
+    return EngineUnderTest(engine=engine, aborted=lambda: upstream.disconnected, broken=broken, close=close,
+                          broken_error=EngineError, broken_status=502)

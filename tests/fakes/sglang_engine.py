@@ -1,0 +1,185 @@
+"""An in-process fake of SGLang's ``Engine`` (``sglang.Engine``), for the adapter's contract and
+unit tests on machines without SGLang or a GPU.
+
+What it models, from SGLang's source (``srt/entrypoints/engine.py``,
+``srt/managers/tokenizer_manager.py``, the scheduler's abort):
+- The constructor takes ``ServerArgs`` fields as keyword arguments and refuses names
+  ``ServerArgs`` does not have (``TypeError``, as the dataclass does). Like SGLang releases
+  before the upstream guard, it installs a SIGQUIT handler with ``signal.signal``, which
+  raises ``ValueError`` off the main thread.
+- ``async_generate(input_ids=..., sampling_params=..., return_logprob=..., stream=True,
+  rid=...)`` returns an async generator of ``{"text", "output_ids", "meta_info"}``. ``text``
+  and ``output_token_logprobs`` are cumulative unless ``incremental_streaming_output=True``
+  (SGLang's default is cumulative). ``stream=False`` returns the final dict.
+- ``finish_reason`` is ``None`` until the end, then ``{"type": "stop", "matched": ...}`` (EOS
+  id or stop string, trimmed), ``{"type": "length", "length": n}`` or ``{"type": "abort",
+  "message": ...}``.
+- ``tokenizer_manager.abort_request(rid)`` does nothing unless ``rid`` is a live request (the
+  tokenizer manager's check), then the scheduler aborts EVERY request whose rid starts with
+  ``rid`` (its prefix match). Closing a stream drops the tokenizer manager's state for the rid
+  without telling the scheduler, which keeps generating (``orphaned``).
+- A prompt of ``context_length`` tokens or more is a ``ValueError`` ("The input (N tokens) is
+  longer than the model's context length (M tokens)."); a duplicate live rid is a ValueError.
+- ``kill()`` plays the scheduler dying: requests then never get an answer (they hang), which
+  is what a one-token health probe with a timeout detects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from tests.fakes.chat_tokenizer import FakeChatTokenizer, answer_ids
+
+# The ServerArgs fields the adapter may pass (all real SGLang names).
+SERVER_ARGS = frozenset({
+    "model_path", "tokenizer_path", "tp_size", "dp_size", "mem_fraction_static", "context_length",
+    "max_running_requests", "dtype", "quantization", "disable_cuda_graph", "incremental_streaming_output",
+    "log_level", "random_seed", "chunked_prefill_size", "max_total_tokens", "trust_remote_code", "base_gpu_id",
+})
+
+
+@dataclass
+class _Request:
+    rid: str
+    done: bool = False
+    aborted: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FakeTokenizerManager:
+    def __init__(self, engine: "FakeSGLangEngine") -> None:
+        self.tokenizer = FakeChatTokenizer()
+        self.rid_to_state: dict[str, _Request] = {}
+        self._engine = engine
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        if not abort_all and rid not in self.rid_to_state:
+            return
+        self._engine.abort_calls.append(rid)
+        for req in self._engine.scheduled.values():  # the scheduler matches by prefix
+            if not req.done and (abort_all or req.rid.startswith(rid)):
+                req.aborted = True
+                req.wake.set()
+                self._engine.aborted.append(req.rid)
+
+
+class FakeSGLangEngine:
+    def __init__(self, *, answer_tokens: int = 48, token_delay_s: float = 0.001, **server_args: Any) -> None:
+        unknown = set(server_args) - SERVER_ARGS
+        if unknown:
+            raise TypeError(f"ServerArgs.__init__() got unexpected keyword arguments {sorted(unknown)}")
+        if "model_path" not in server_args:
+            raise TypeError("ServerArgs.__init__() missing 1 required positional argument: 'model_path'")
+        self.server_args = server_args
+        self.incremental = bool(server_args.get("incremental_streaming_output", False))
+        self.context_length = int(server_args.get("context_length") or 2048)
+        self.answer_tokens = answer_tokens
+        self.token_delay_s = token_delay_s
+        signal.signal(signal.SIGQUIT, signal.getsignal(signal.SIGQUIT))  # what older SGLang does, unguarded
+        self.tokenizer_manager = FakeTokenizerManager(self)
+        self.scheduled: dict[str, _Request] = {}
+        self.aborted: list[str] = []  # rids the scheduler aborted
+        self.abort_calls: list[str] = []  # abort_request calls that reached the scheduler
+        self.orphaned: list[str] = []  # streams closed while the scheduler still ran them
+        self.calls: list[dict[str, Any]] = []
+        self.alive = True
+        self.shutdowns = 0
+
+    def kill(self) -> None:
+        self.alive = False
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+        self.alive = False
+
+    async def async_generate(
+        self,
+        prompt: str | None = None,
+        sampling_params: dict[str, Any] | None = None,
+        input_ids: list[int] | None = None,
+        return_logprob: bool = False,
+        stream: bool = False,
+        rid: str | None = None,
+        **_: Any,
+    ) -> Any:
+        params = dict(sampling_params or {})
+        ids = list(input_ids if input_ids is not None else self.tokenizer_manager.tokenizer.encode(prompt or ""))
+        if len(ids) >= self.context_length:
+            raise ValueError(f"The input ({len(ids)} tokens) is longer than the model's context length ({self.context_length} tokens).")
+        top_p = float(params.get("top_p", 1.0))
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        rid = rid or uuid.uuid4().hex
+        if rid in self.tokenizer_manager.rid_to_state:
+            raise ValueError(f"Duplicate request ID detected: {rid}")
+        self.calls.append({"input_ids": ids, "sampling_params": params, "return_logprob": return_logprob, "stream": stream, "rid": rid})
+        req = self.scheduled[rid] = self.tokenizer_manager.rid_to_state[rid] = _Request(rid)
+        outputs = self._outputs(req, ids, params, return_logprob)
+        if stream:
+            return outputs
+        last = None
+        async for last in outputs:
+            pass
+        return last
+
+    async def _outputs(self, req: _Request, prompt_ids: list[int], params: dict[str, Any], want_logprobs: bool) -> AsyncIterator[dict[str, Any]]:
+        tokenizer = self.tokenizer_manager.tokenizer
+        temperature = float(params.get("temperature", 1.0))
+        answer = answer_ids(tokenizer, prompt_ids, self.answer_tokens, params.get("sampling_seed") if temperature > 0 else None)
+        answer.append(tokenizer.eos_token_id)
+        max_new = int(params.get("max_new_tokens", 128))
+        stops = list(params.get("stop") or ())
+        text, out_ids, lps = "", [], []
+        sent_text, sent_lps = 0, 0
+        try:
+            for n, token in enumerate(answer[:max_new], start=1):
+                while not self.alive:  # a dead scheduler never answers
+                    await asyncio.sleep(3600)
+                try:
+                    await asyncio.wait_for(req.wake.wait(), self.token_delay_s)
+                except asyncio.TimeoutError:
+                    pass
+                if req.aborted:
+                    req.done = True
+                    yield self._dict(req, "" if self.incremental else text, out_ids, lps[sent_lps:] if self.incremental else lps,
+                                     len(prompt_ids), {"type": "abort", "message": "Abort in waiting queue"}, want_logprobs)
+                    return
+                piece = "" if token == tokenizer.eos_token_id else tokenizer.token_text(token)
+                out_ids.append(token)
+                lps.append((-0.05 * (n % 5), token, None))
+                finish: dict[str, Any] | None = None
+                hit = next((s for s in stops if s in text + piece), None)
+                if hit is not None:
+                    text, finish = (text + piece)[: (text + piece).index(hit)], {"type": "stop", "matched": hit}
+                else:
+                    text += piece
+                    if token == tokenizer.eos_token_id:
+                        finish = {"type": "stop", "matched": token}
+                    elif n == max_new:
+                        finish = {"type": "length", "length": max_new}
+                if self.incremental:
+                    chunk_text, chunk_lps = text[sent_text:], lps[sent_lps:]
+                    sent_text, sent_lps = len(text), len(lps)
+                else:
+                    chunk_text, chunk_lps = text, list(lps)
+                req.done = finish is not None
+                yield self._dict(req, chunk_text, out_ids, chunk_lps, len(prompt_ids), finish, want_logprobs)
+                if finish is not None:
+                    return
+        except (GeneratorExit, asyncio.CancelledError):
+            if not req.done and not req.aborted:
+                self.orphaned.append(req.rid)
+            raise
+        finally:
+            self.tokenizer_manager.rid_to_state.pop(req.rid, None)
+
+    @staticmethod
+    def _dict(req: _Request, text: str, ids: list[int], lps: list[Any], prompt_tokens: int, finish: Any, want_logprobs: bool) -> dict[str, Any]:
+        meta: dict[str, Any] = {"id": req.rid, "prompt_tokens": prompt_tokens, "completion_tokens": len(ids), "finish_reason": finish}
+        if want_logprobs:
+            meta["output_token_logprobs"] = list(lps)
+        return {"text": text, "output_ids": list(ids), "meta_info": meta}
