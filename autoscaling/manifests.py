@@ -23,7 +23,7 @@ from autoscaling.gpus import gpu_type as lookup_gpu
 from autoscaling.planner import Plan, WorkerGroup
 from cluster.config import ClusterConfig
 from cluster.errors import SLMError
-from cluster.serve_config import IMPORT_PATH, data_plane_deployments, render_serve_config
+from cluster.serve_config import IMPORT_PATH, PROXY_CALLBACK, PROXY_CALLBACK_ENV, data_plane_deployments, render_serve_config
 
 IMAGE = "ghcr.io/slm-cluster/slm-cluster"
 IMAGE_TAG = "0.1.0"
@@ -128,7 +128,7 @@ def secret_env_names(cfg: ClusterConfig) -> list[str]:
 
 
 def ray_env(cfg: ClusterConfig, opts: RenderOptions) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = []
+    env: list[dict[str, Any]] = [{"name": PROXY_CALLBACK_ENV, "value": PROXY_CALLBACK}]  # safe x-request-id in every proxy
     if in_cluster_redis(cfg) and cfg.redis.url_env:
         env.append({"name": cfg.redis.url_env, "value": f"redis://{redis_service_name(opts)}:{REDIS_PORT}/0"})
     for name in secret_env_names(cfg):

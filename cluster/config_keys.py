@@ -27,8 +27,9 @@ class KeysConfig(BaseModel):
         300.0, ge=0, description="While Redis is unreachable, keys verified within this many seconds still authenticate (0: none do)."
     )
     rate_limits_fail: FailMode = Field(
-        "open", description="Requests and tokens per minute while Redis is unreachable: open (serve unlimited) or closed (429)."
+        "open",
+        description="Requests and tokens per minute while Redis is unreachable: open (serve unlimited) or closed (503 key_store_unavailable).",
     )
     budgets_fail: FailMode = Field(
-        "closed", description="USD per day while Redis is unreachable: closed (429 insufficient_quota) or open (serve, uncounted)."
+        "closed", description="USD per day while Redis is unreachable: closed (503 key_store_unavailable) or open (serve, uncounted)."
     )

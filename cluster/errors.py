@@ -110,6 +110,15 @@ class ModelNotAllowedError(SLMError):
     default_code = "model_not_allowed"
 
 
+class AdminOnlyError(SLMError):
+    """The endpoint is the operator's (``/v1/slm/*``): an env-var key or a managed key
+    created with ``slmctl keys create --admin`` may read it, other managed keys may not."""
+
+    http_status = 403
+    error_type = "permission_error"
+    default_code = "admin_only"
+
+
 class RateLimitExceededError(RateLimitedError):
     """The key is over its requests or tokens per minute (``Retry-After`` says when to retry)."""
 

@@ -133,8 +133,19 @@ class RedisKeyStore:
         try:
             return await fn
         except (RedisError, OSError, TimeoutError) as exc:
+            await self._drop_idle_connections()
             shown = self.url.rpartition("@")[2]
             raise KeyStoreUnavailable(f"key store at {shown} unreachable: {type(exc).__name__}") from None
+
+    async def _drop_idle_connections(self) -> None:
+        """After a failed call, close the pool's idle connections: once Redis restarts every
+        one of them is dead, and each would fail one later call (and, in the gateway, start
+        another second of backoff), so recovery would take a second per pooled connection.
+        Connections in use are left to their own calls."""
+        try:
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+        except Exception:  # noqa: BLE001 - closing dead sockets may fail; the pool reconnects anyway
+            pass
 
     # --- records ---------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from cluster.config import DATA_CLASSES, STRATEGIES
 from cluster.config_keys import KeysConfig
 from cluster.errors import (
+    AdminOnlyError,
     EngineUnavailableError,
     InvalidRequestError,
     ModelNotAllowedError,
@@ -71,6 +72,7 @@ class KeyRecord:
     usd_per_day: float | None = None
     created: float = 0.0  # unix seconds
     key_id: str = ""  # the first 16 hex digits of the hash, to match audit lines
+    admin: bool = False  # may read the operator's endpoints (/v1/slm/*); records stored before it existed are not
 
     @property
     def limited(self) -> bool:
@@ -104,6 +106,7 @@ def make_record(
     usd_per_day: float | None = None,
     created: float = 0.0,
     key_id: str = "",
+    admin: bool = False,
 ) -> KeyRecord:
     """A validated record (400 ``InvalidRequestError`` naming the bad flag)."""
     if not NAME.fullmatch(name):
@@ -119,7 +122,7 @@ def make_record(
             raise InvalidRequestError(f"{flag} must be at least 1, got {value}", param=flag)
     if usd_per_day is not None and not (usd_per_day > 0 and math.isfinite(usd_per_day)):
         raise InvalidRequestError(f"--usd-per-day must be a positive number, got {usd_per_day}", param="--usd-per-day")
-    return KeyRecord(name, split_list(models), strats, max_data_class, rpm, tpm, usd_per_day, created, key_id)
+    return KeyRecord(name, split_list(models), strats, max_data_class, rpm, tpm, usd_per_day, created, key_id, admin)
 
 
 # --- scope ---------------------------------------------------------------------------
@@ -154,6 +157,16 @@ def check_scope(record: KeyRecord, *, model: str, strategy: str, data_class: str
     if not data_class_allowed(record, data_class):
         raise ModelNotAllowedError(
             f"The API key {record.name!r} may send data up to {record.max_data_class!r}; this request is {data_class!r}.")
+
+
+def check_admin(record: KeyRecord | None) -> None:
+    """403 ``admin_only`` unless the caller may read the operator's endpoints: an env-var
+    key (or an open API), both ``None`` here, or a managed key created with ``--admin``.
+    A managed key's scope is about models; what the cluster is doing (traffic splits,
+    audit sinks) is the operator's, so an ordinary key must not see it."""
+    if record is not None and not record.admin:
+        raise AdminOnlyError(f"The API key {record.name!r} may not read this endpoint: it is for the operator's keys "
+                             "(the env-var keys, or a key created with `slmctl keys create --admin`).")
 
 
 # --- limits ----------------------------------------------------------------------------

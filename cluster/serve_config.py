@@ -8,6 +8,13 @@ from cluster.config import ClusterConfig, GatewayConfig, ModelVersionConfig, Rou
 from cluster.types import deployment_name
 
 IMPORT_PATH = "deployments.app:build_app"
+
+# Serve's proxy loads these middlewares before its own request-id handling, which 500s on a
+# non-UTF-8 x-request-id and echoes any id raw (deployments/gateway/proxy_ids.py says why).
+# `slmctl up` and the rendered RayService set the variable on every Ray node (a proxy runs on
+# each). A string: the kernel does not import the data plane; a unit test holds it to the module.
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "deployments.gateway.proxy_ids:middlewares"
 CONTROLLER_IMPORT_PATH = "autoscaling.app:build_controller"
 CONTROLLER_APP = "slm-control"
 ROUTER_NAME = "router"

@@ -34,6 +34,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     create.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
     create.add_argument("--tpm", type=int, help="tokens per minute, prompt and completion (default: unlimited)")
     create.add_argument("--usd-per-day", type=float, help="USD it may spend per UTC day (default: unlimited)")
+    create.add_argument("--admin", action="store_true",
+                        help="may also read the operator's endpoints /v1/slm/traffic and /v1/slm/audit (default: no)")
     _source_flags(create)
     create.set_defaults(func=cmd_create)
 
@@ -85,7 +87,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     digest = keys.hash_secret(secret)
     record = keys.make_record(
         args.name, models=args.models, strategies=args.strategies, max_data_class=args.max_data_class,
-        rpm=args.rpm, tpm=args.tpm, usd_per_day=args.usd_per_day, created=time.time(), key_id=digest[:16],
+        rpm=args.rpm, tpm=args.tpm, usd_per_day=args.usd_per_day, created=time.time(), key_id=digest[:16], admin=args.admin,
     )
     if not _run(args, lambda s: s.create(record, digest)):
         raise InvalidRequestError(f"a key named {args.name!r} exists; revoke it first or pick another name", param="--name")
@@ -100,7 +102,7 @@ def _limits(r: keys.KeyRecord) -> str:
         return "-" if v is None else f"{v:g}{unit}" if isinstance(v, float) else f"{v}{unit}"
 
     return (f"models {','.join(r.models)}; strategies {','.join(r.strategies)}; data up to {r.max_data_class or 'any'}; "
-            f"rpm {some(r.rpm)}; tpm {some(r.tpm)}; usd/day {some(r.usd_per_day)}")
+            f"rpm {some(r.rpm)}; tpm {some(r.tpm)}; usd/day {some(r.usd_per_day)}{'; admin' if r.admin else ''}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

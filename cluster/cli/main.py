@@ -365,6 +365,17 @@ def add_plugin_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
         register(sub)
 
 
+def exit_code(err: SLMError) -> int:
+    """Bad input to a command (a data file, a flag value: a 4xx error) is exit 2, since
+    running it again cannot help; a service that is down or failing (Redis unreachable, a
+    5xx or retryable error) is exit 1, like any other failure worth retrying later."""
+    if isinstance(err, ConfigError):
+        return EXIT_BAD_CONFIG
+    if err.retryable or err.http_status >= 500:
+        return EXIT_FAILED
+    return EXIT_BAD_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -372,9 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return EXIT_BAD_CONFIG
-    except SLMError as err:  # bad input to a command (a data file, a flag value)
+    except SLMError as err:
         print(f"error: {err.message}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return exit_code(err)
     except RayClusterError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED

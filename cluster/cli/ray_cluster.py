@@ -25,6 +25,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from cluster.cli import embedded_redis
+from cluster.serve_config import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
+
 
 
 class RayClusterError(RuntimeError):
@@ -99,6 +102,7 @@ class LocalCluster:
         if num_gpus is not None:
             cmd.append(f"--num-gpus={num_gpus:g}")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # an operator's own callback wins
         if throughput_optimized:
             env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)

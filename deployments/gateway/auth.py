@@ -161,6 +161,11 @@ class KeyGuard:
             return dataclasses.replace(plan, tiers=(routed, *kept), escalated=NOT_ESCALATED, frontier_skipped="scope")
         return dataclasses.replace(plan, tiers=kept, frontier_skipped="scope")
 
+    @staticmethod
+    def check_admin(record: KeyRecord | None) -> None:
+        """403 ``admin_only`` for a managed key without ``--admin`` (``keys.check_admin``)."""
+        keys.check_admin(record)
+
     # --- how much ----------------------------------------------------------------------
 
     async def admit(self, record: KeyRecord | None, gen: GenerationRequest, headers: dict[str, str]) -> Ticket | None:

@@ -251,3 +251,19 @@ def test_api_keys(client: httpx.Client, headers: dict, status: int) -> None:
         assert_error(resp, 401, code="invalid_api_key")
     models = client.get("/authed/v1/models", headers=headers)
     assert models.status_code == status
+
+
+def test_serves_proxy_without_our_callback_still_fails_on_unsafe_request_ids(base_url: str) -> None:
+    """Pins Ray Serve's own behaviour (Ray 2.60), which this module's Ray shows because it
+    starts without RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH: the proxy answers an id that
+    is not UTF-8 with a plain-text 500 before the gateway runs, and echoes any id raw.
+    `slmctl up` sets the callback (deployments/gateway/proxy_ids.py; test_api_keys shows it
+    fixed). If this fails after a Ray upgrade, Serve fixed it: update README's Security
+    section and docs/faults.md, and the callback may go."""
+    body = {"model": "code", "messages": [{"role": "user", "content": "hi"}]}
+    bad = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=[(b"x-request-id", "\u00e9t\u00e9".encode("latin-1"))],
+                     timeout=30)
+    assert bad.status_code == 500 and bad.headers["content-type"].startswith("text/plain") and bad.text == "Internal Server Error"
+    long = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers={"x-request-id": "a" * 6000}, timeout=30)
+    assert long.status_code == 200 and long.headers["x-request-id"] == "a" * 6000  # echoed by the proxy
+    assert long.json()["id"] != "chatcmpl-" + "a" * 6000  # the gateway's own id is a fresh one

