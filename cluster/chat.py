@@ -7,7 +7,7 @@ from typing import Sequence
 from cluster.config import GatewayConfig
 from cluster.errors import ContextLengthExceededError, InvalidRequestError
 from cluster.openai_schema import ChatCompletionRequest
-from cluster.types import ChatMessage, GenerationRequest, RouteQuery, SamplingParams
+from cluster.types import ChatMessage, GenerationRequest, RouteQuery, SamplingParams, ToolCall
 
 
 def to_generation_request(req: ChatCompletionRequest, gw: GatewayConfig, request_id: str) -> GenerationRequest:
@@ -21,13 +21,21 @@ def to_generation_request(req: ChatCompletionRequest, gw: GatewayConfig, request
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         raise InvalidRequestError(f"{param} is {max_tokens}; this server allows at most {gw.max_tokens_cap}.", param=param)
 
+    combination = req.combination_error()
+    if combination is not None:
+        raise InvalidRequestError(combination[0], param=combination[1])
+
     messages = []
     total_chars = 0
     for msg in req.messages:
         text = msg.text()
         total_chars += len(text)
         role = "system" if msg.role == "developer" else msg.role
-        messages.append(ChatMessage(role=role, content=text))
+        calls = tuple(
+            ToolCall(index=i, id=c.id, name=c.function.name, arguments=c.function.arguments) for i, c in enumerate(msg.tool_calls or ())
+        )
+        total_chars += sum(len(c.arguments) for c in calls)
+        messages.append(ChatMessage(role=role, content=text, tool_calls=calls, tool_call_id=msg.tool_call_id))
     if total_chars > gw.max_prompt_chars:
         raise ContextLengthExceededError(
             f"The prompt is {total_chars} characters; this server allows at most {gw.max_prompt_chars}.", param="messages"
@@ -42,8 +50,18 @@ def to_generation_request(req: ChatCompletionRequest, gw: GatewayConfig, request
         stop=req.stop_sequences(),
         seed=req.seed,
         logprobs=bool(req.logprobs),
+        top_logprobs=req.top_logprobs or 0,
+        n=req.n or 1,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=tuple((int(token), float(bias)) for token, bias in (req.logit_bias or {}).items()),
+        tools=tuple(t.model_dump(exclude_none=True) for t in req.tools or ()),
+        tool_choice=req.tool_choice if isinstance(req.tool_choice, str | None) else req.tool_choice.model_dump(),
+        response_format=req.response_format.model_dump(exclude_none=True, by_alias=True) if req.response_format else None,
     )
-    return GenerationRequest(request_id=request_id, messages=tuple(messages), sampling=sampling)
+    # A version's sampling defaults (ModelVersionConfig.defaults) fill what the client left out.
+    unset = frozenset(name for name in ("temperature", "top_p") if getattr(req, name) is None)
+    return GenerationRequest(request_id=request_id, messages=tuple(messages), sampling=sampling, unset_sampling=unset)
 
 
 def last_user_text(request: GenerationRequest) -> str:

@@ -243,6 +243,14 @@ DataClass = Literal["public", "internal", "restricted"]
 DATA_CLASSES: tuple[str, ...] = ("public", "internal", "restricted")
 
 
+class SamplingDefaults(Strict):
+    """Sampling for requests that leave a field out (instead of OpenAI's defaults, 1.0),
+    so a small model that rambles at temperature 1 gets one that suits it."""
+
+    temperature: float | None = Field(None, ge=0, le=2, description="Temperature when the request gives none; OpenAI's 1.0 when null.")
+    top_p: float | None = Field(None, gt=0, le=1, description="top_p when the request gives none; 1.0 when null.")
+
+
 class ModelVersionConfig(Strict):
     name: Name = Field(description="Version name, e.g. v1; the deployment is <model>-<version>.")
     engine: EngineConfig = Field(description="The inference engine and its settings.")
@@ -270,6 +278,9 @@ class ModelVersionConfig(Strict):
     )
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices and energy, for routing and reports.")
     system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
+    defaults: SamplingDefaults = Field(
+        default_factory=SamplingDefaults, description="Sampling for requests that leave temperature or top_p out (docs/endpoints.md)."
+    )
 
     @model_validator(mode="after")
     def _queue_limit(self) -> "ModelVersionConfig":
@@ -300,6 +311,7 @@ class ModelConfig(Strict):
     role: ModelRole = Field(description="specialist, general (the MoE fallback) or frontier (the escalation target).")
     domains: tuple[Domain, ...] = Field((), description="Domains a specialist serves; empty for general and frontier.")
     description: str = Field("", description="Shown in /v1/models.")
+    owned_by: str = Field("slm-cluster", max_length=80, description="The owner shown in /v1/models (OpenAI's owned_by).")
     versions: tuple[ModelVersionConfig, ...] = Field(min_length=1, description="Deployable versions; each is its own deployment.")
     current_version: str | None = Field(None, description="Version that `model` without @version resolves to; the first when null.")
 

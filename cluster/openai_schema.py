@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.errors import InvalidRequestError
 
@@ -20,21 +20,96 @@ class TextPart(BaseModel):
     text: str
 
 
+class WireFunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+
+
+class WireToolCall(BaseModel):
+    """A call an earlier assistant turn made (sent back so the model sees its own call)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: WireFunctionCall
+
+
 class WireMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # null on an assistant turn that only called tools
     name: str | None = None
+    tool_calls: list[WireToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _turn_shape(self) -> "WireMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required unless an assistant message has tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+
+
+MAX_N = 16  # choices per request: each costs a full generation
 
 
 class ChatCompletionRequest(BaseModel):
@@ -53,12 +128,36 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as the engines take it
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=0)
-    n: int | None = Field(None, ge=1, le=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    n: int | None = Field(None, ge=1, le=MAX_N)
     user: str | None = None
-    # Accepted for client compatibility; they have no effect on these engines.
+    # Honoured by the engines that declare them (cluster/capabilities.py); refused with a
+    # 400 naming the parameter by the others, never dropped.
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit() or not -100 <= bias <= 100:
+                raise ValueError("keys must be token ids and values between -100 and 100")
+        return value
+
+    def combination_error(self) -> tuple[str, str] | None:
+        """(message, param) when fields that are valid alone do not go together."""
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs requires logprobs to be true.", "top_logprobs"
+        if self.tool_choice is not None and not self.tools:
+            return "tool_choice is only allowed when tools are specified.", "tool_choice"
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            if self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+                return f"tool_choice names {self.tool_choice.function.name!r}, which is not among tools.", "tool_choice"
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -110,8 +209,20 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def logprobs_body(items: list[tuple[str, float]]) -> dict[str, Any]:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []} for t, lp in items]}
+def logprobs_body(items: list[tuple[str, float]] | list[tuple[str, float, tuple[tuple[str, float], ...]]]) -> dict[str, Any]:
+    """Each item is (token, logprob) or (token, logprob, top alternatives)."""
+    return {"content": [_logprob_item(item) for item in items]}
+
+
+def _logprob_item(item: tuple[Any, ...]) -> dict[str, Any]:
+    token, lp = item[0], item[1]
+    top = item[2] if len(item) > 2 else ()
+    return {
+        "token": token,
+        "logprob": lp,
+        "bytes": list(token.encode()),
+        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top],
+    }
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -131,21 +242,36 @@ def completion_body(
     finish_reason: str,
     usage: dict[str, int],
     logprobs: list[tuple[str, float]] | None,
+    choices: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """One chat.completion; ``choices`` (from ``choice_body``) replaces the single choice
+    that ``text``, ``finish_reason`` and ``logprobs`` describe."""
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish_reason,
-                "logprobs": logprobs_body(logprobs) if logprobs is not None else None,
-            }
-        ],
+        "choices": choices if choices is not None else [choice_body(0, text, finish_reason, logprobs)],
         "usage": usage,
+    }
+
+
+def choice_body(
+    index: int,
+    text: str,
+    finish_reason: str,
+    logprobs: list[Any] | None,
+    tool_calls: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One choice of a chat.completion; with tool calls, content is null unless there was text."""
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls else None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "index": index,
+        "message": message,
+        "finish_reason": finish_reason,
+        "logprobs": logprobs_body(logprobs) if logprobs is not None else None,
     }
 
 
@@ -159,6 +285,7 @@ def chunk_body(
     logprobs: list[tuple[str, float]] | None = None,
     usage: dict[str, int] | None = None,
     with_choice: bool = True,
+    index: int = 0,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": completion_id,
@@ -170,7 +297,7 @@ def chunk_body(
     if with_choice:
         body["choices"] = [
             {
-                "index": 0,
+                "index": index,
                 "delta": delta,
                 "finish_reason": finish_reason,
                 "logprobs": logprobs_body(logprobs) if logprobs is not None else None,

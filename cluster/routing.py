@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from cluster import traffic
+from cluster import capabilities, traffic
 from cluster.config import ClusterConfig
 from cluster.errors import ModelNotFoundError
 from cluster.types import RouteDecision, RouteScores, deployment_name
@@ -103,6 +103,29 @@ def apply_split(
     if weights and all(model.version(v) is not None for v in weights) and sum(weights.values()) == traffic.TOTAL:
         version = traffic.pick(traffic.ordered(model, weights, stable=stable), model.name, key, rng)
     return decision if version == decision.version else replace(decision, version=version)
+
+
+CAPABILITY = "capability"
+
+
+def route_capable(cfg: ClusterConfig, decision: RouteDecision, needed: tuple[str, ...], *, auto: bool) -> RouteDecision:
+    """A decision whose engine honours every optional parameter in ``needed``
+    (``cluster.capabilities.requested``). An ``auto`` pick that cannot falls back to the
+    general model, then the frontier (reason ``general:capability`` / ``frontier:capability``);
+    a named model that cannot, or an auto request no model can serve, is the 400 naming the
+    first parameter the original pick lacks."""
+    if not needed or capabilities.capable(cfg, decision, needed):
+        return decision
+    if auto:
+        fallbacks = [(cfg.general, "general")]
+        if cfg.frontier is not None:
+            fallbacks.append((cfg.frontier, "frontier"))
+        for model, role in fallbacks:
+            candidate = replace(decision, model=model.name, version=model.current.name, reason=f"{role}:{CAPABILITY}")
+            if capabilities.capable(cfg, candidate, needed):
+                return candidate
+    capabilities.check_decision(cfg, decision, needed)
+    return decision  # unreachable: check_decision raised
 
 
 def listed_models(cfg: ClusterConfig) -> list[str]:

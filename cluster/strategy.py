@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from cluster import policy
+from cluster import capabilities, policy
 from cluster.config import STRATEGIES, ClusterConfig, StrategyConfig
 from cluster.errors import CircuitOpenError, InvalidRequestError
 from cluster.headers import parse_choice
@@ -62,7 +62,7 @@ class Plan:
     escalated: str = NOT_ESCALATED
     budget_ms: float | None = None
     # why the frontier is not among the tiers although the strategy wanted it
-    frontier_skipped: str | None = None  # "policy" | "budget" | "absent" | "breaker"
+    frontier_skipped: str | None = None  # "policy" | "budget" | "absent" | "breaker" | "capability"
 
 
 def _decision_for(cfg: ClusterConfig, role_model: str, reason: str) -> RouteDecision:
@@ -81,6 +81,7 @@ def plan(
     budget_ms: float | None,
     expected_ms: dict[str, float],
     frontier_blocked_s: float = 0.0,
+    needed: tuple[str, ...] = (),
 ) -> Plan:
     """The plan for a request whose first choice is ``first`` (the router's pick for auto,
     else the named model). ``expected_ms``: deployment name -> expected latency.
@@ -88,7 +89,10 @@ def plan(
     ``frontier_blocked_s`` > 0: the frontier's circuit breaker refuses calls for that long.
     A request naming the frontier then raises ``CircuitOpenError`` (503, ``Retry-After``);
     one that would escalate keeps its small answer, flagged ``failed`` when it needed the
-    frontier (route escalation at once; cascade and race when the gate fails)."""
+    frontier (route escalation at once; cascade and race when the gate fails).
+
+    ``needed``: the optional parameters the request uses (``capabilities.requested``); a
+    tier whose engine cannot honour them is left out, as one the data may not reach is."""
     frontier_model = cfg.frontier
     frontier = (
         _decision_for(cfg, frontier_model.name, "frontier:escalated")
@@ -97,13 +101,13 @@ def plan(
     )
 
     def reach(d: RouteDecision) -> bool:
-        return policy.allowed(cfg, screened, d.model, d.version)
+        return policy.allowed(cfg, screened, d.model, d.version) and capabilities.capable(cfg, d, needed)
 
     def frontier_block(elapsed_ms: float = 0.0) -> str | None:
         if frontier is None:
             return "absent"
         if not reach(frontier):
-            return "policy"
+            return "policy" if capabilities.capable(cfg, frontier, needed) else "capability"
         if frontier_blocked_s > 0:
             return "breaker"
         if not fits(elapsed_ms, expected_ms.get(frontier.deployment_name, 0.0), budget_ms):
@@ -161,7 +165,8 @@ def plan(
         if any(t.deployment_name == candidate.deployment_name for t in tiers):
             continue
         if not reach(candidate):
-            skipped = skipped or ("policy" if candidate is frontier else None)
+            if candidate is frontier:
+                skipped = skipped or ("policy" if capabilities.capable(cfg, frontier, needed) else "capability")
             continue
         if candidate is frontier and frontier_blocked_s > 0:
             skipped = "breaker"

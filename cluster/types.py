@@ -7,16 +7,30 @@ schema in ``cluster.openai_schema`` validates at the edge).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "abort"]
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call of an answer, or a piece of one in a stream (OpenAI's delta: the
+    first piece of call ``index`` has ``id`` and ``name``, later ones more ``arguments``)."""
+
+    index: int = 0
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass(frozen=True)
 class ChatMessage:
     role: Role
     content: str
+    # an assistant turn that called tools, and a tool turn's answer to one of those calls
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,16 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    # OpenAI's optional features (cluster/capabilities.py says which engine honours which);
+    # the defaults mean "not asked for". JSON-like values are kept as the client sent them.
+    top_logprobs: int = 0
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -34,12 +58,19 @@ class GenerationRequest:
     request_id: str
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # A raw text prompt (/v1/completions): sent as is, no chat template, no system prompt;
+    # ``messages`` is then empty. Only engines with ``capabilities.raw_prompt`` take one.
+    prompt: str | None = None
+    # Sampling fields the client left out, which a version's ``defaults`` may fill
+    # (``cluster.openai_endpoints.apply_defaults``, in the ModelServer).
+    unset_sampling: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
     token: str
     logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # the most likely tokens at this position (top_logprobs)
 
 
 @dataclass(frozen=True)
@@ -56,14 +87,19 @@ class Usage:
 class GenerationChunk:
     """One step of a generation stream.
 
-    Every chunk but the last carries text (and, when asked, one logprob per token in it).
-    The last chunk of a stream always has ``finish_reason`` and ``usage`` set.
+    Every chunk but the last carries text or tool-call pieces (and, when asked, one logprob
+    per token in it) for choice ``index`` (0 unless the request asked for ``n`` > 1).
+    The last chunk of a stream always has ``finish_reason`` and ``usage`` set; usage counts
+    every choice, and ``finish_reasons`` holds each choice's reason by index when n > 1.
     """
 
     text: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    index: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reasons: tuple[FinishReason, ...] = ()
 
     @property
     def is_final(self) -> bool:
@@ -74,6 +110,10 @@ class GenerationChunk:
 class EngineCapabilities:
     streaming: bool = True
     logprobs: bool = False
+    raw_prompt: bool = False  # takes GenerationRequest.prompt (/v1/completions)
+    # the optional OpenAI request parameters the engine honours (names as on the wire,
+    # cluster/capabilities.py FEATURES); any other one asked for is refused with a 400
+    params: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from cluster.config import ModelVersionConfig
-from cluster.errors import EngineUnavailableError
+from cluster.errors import EngineUnavailableError, InvalidRequestError
 from cluster.load_signals import LoadTracker
+from cluster.openai_endpoints import apply_defaults
 from cluster.types import GenerationChunk, GenerationRequest
 from deployments.engines import create_engine
 from deployments.stream_batching import batched_chunks
@@ -72,6 +73,9 @@ class ModelServer:
         """Stream the engine's chunks, coalesced into lists (see ``stream_batching``).
         Serve cancels this generator when the caller goes away; that closes the engine's
         iterator, which aborts the generation."""
+        if request.prompt is not None and not self.engine.capabilities.raw_prompt:  # the gateway checks first; defence in depth
+            raise InvalidRequestError(f"the {self.version.engine.kind} engine does not take raw prompts (/v1/completions)", param="model")
+        request = apply_defaults(request, self.version.defaults)  # the version's sampling for fields the client left out
         batches = batched_chunks(self.engine.generate(request), self.version.stream_batch_interval_ms / 1000)
         gen = self.load.start()
         watched = self.stalls.start()

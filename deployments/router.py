@@ -7,8 +7,9 @@ so one embedder pass scores everything that queued during the previous one.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from ray import serve
 
@@ -30,6 +31,20 @@ class Router:
         self.merger: BusyMerger[str | RouteQuery, RouteScores] = BusyMerger(self._score, max_items=config.max_batch_size)
         self.route_batch.set_max_batch_size(config.max_batch_size)
         self.route_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.embedder = self._standard_embedder(config)
+        self._embed_lock = asyncio.Lock()
+
+    @staticmethod
+    def _standard_embedder(config: RouterConfig) -> Any:
+        """The embedder /v1/embeddings serves: the stock all-MiniLM-L6-v2 (float32, its
+        first 256 tokens, as sentence-transformers truncates), not the router's copy, whose
+        layers the trained artifact tunes for routing and whose window keeps head and tail.
+        None under the heuristic router, which loads no embedder (docs/endpoints.md)."""
+        if config.kind != "trained":
+            return None
+        from router_models.embedder import Embedder
+
+        return Embedder(max_tokens=256, head_tokens=None, context_tokens=0, threads=config.torch_threads, dtype="float32").load()
 
     # max_batch_size and the wait are reset from config in __init__. Many Serve batches may
     # wait on the merger at once (it runs one model call at a time): the concurrency cap
@@ -51,3 +66,18 @@ class Router:
 
     async def route(self, text: str | RouteQuery) -> RouteScores:
         return await self.route_batch(text)
+
+    async def embed(self, texts: list[str]) -> dict[str, Any]:
+        """Sentence embeddings of ``texts`` (unit-norm float32 rows, 384 wide) and the tokens
+        read (``prompt_tokens``), for /v1/embeddings. One call at a time, off the event loop,
+        so routing keeps flowing; the gateway bounds the batch (cluster.openai_endpoints)."""
+        if self.embedder is None:
+            from cluster.errors import ModelNotFoundError
+
+            raise ModelNotFoundError("router-embedder is not available: embeddings need router.kind: trained.", param="model")
+        async with self._embed_lock:
+            return await asyncio.to_thread(self._embed, texts)
+
+    def _embed(self, texts: list[str]) -> dict[str, Any]:
+        tokens = sum(len(ids) for ids in self.embedder.token_ids(texts))
+        return {"embeddings": self.embedder.embed(texts), "prompt_tokens": tokens}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from cluster.types import ChatMessage, GenerationRequest
 
 
@@ -12,8 +14,22 @@ def with_system_prompt(request: GenerationRequest, system_prompt: str | None) ->
     return (ChatMessage(role="system", content=system_prompt), *request.messages)
 
 
-def messages_as_dicts(messages: tuple[ChatMessage, ...]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
+def messages_as_dicts(messages: tuple[ChatMessage, ...]) -> list[dict[str, Any]]:
+    """OpenAI's message dicts (which chat templates take too): an assistant turn's tool
+    calls and a tool turn's call id only when the turn has them."""
+    return [_message_dict(m) for m in messages]
+
+
+def _message_dict(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls
+        ]
+        out["content"] = m.content or None
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
 
 
 class StopMatcher:

@@ -9,13 +9,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import json
 import random
+import re
 import time
 from typing import Any, AsyncIterator
 
+from cluster.capabilities import engine_params, refuse_unsupported
 from cluster.config import FakeEngineConfig
 from cluster.errors import EngineError, EngineTimeoutError, EngineUnavailableError
-from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest, TokenLogprob, Usage
+from cluster.types import (
+    EngineCapabilities,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
 from deployments.engines.common import StopMatcher, with_system_prompt
 
 _WORDS = (
@@ -49,7 +61,7 @@ _FAILURES = {"engine_error": EngineError, "unavailable": EngineUnavailableError,
 
 
 class FakeEngine:
-    capabilities = EngineCapabilities(streaming=True, logprobs=True)
+    capabilities = EngineCapabilities(streaming=True, logprobs=True, raw_prompt=True, params=engine_params("fake"))
 
     def __init__(self, config: FakeEngineConfig, *, system_prompt: str | None = None) -> None:
         self.config = config
@@ -90,13 +102,15 @@ class FakeEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if not self._started:
             raise EngineUnavailableError("fake engine is not started")
+        refuse_unsupported(self.capabilities, request, "fake")
         cfg = self.config
-        messages = with_system_prompt(request, self.system_prompt)
-        prompt = "\n".join(f"{m.role}: {m.content}" for m in messages)
+        sampling = request.sampling
+        if request.prompt is not None:  # /v1/completions: the raw text, no roles, no system prompt
+            prompt = request.prompt
+        else:
+            prompt = "\n".join(f"{m.role}: {m.content}" for m in with_system_prompt(request, self.system_prompt))
         prompt_tokens = len(prompt.split())
-        count = min(request.sampling.max_tokens, cfg.default_completion_tokens)
-        tokens = fake_tokens(prompt, count)
-        _, token_logprobs = fake_logprobs(prompt, count, cfg)
+        count = min(sampling.max_tokens, cfg.default_completion_tokens)
         started = time.monotonic()
         fail_early = self._rng.random() < cfg.failure_rate
         fail_mid_at = self._rng.randrange(1, max(2, count)) if self._rng.random() < cfg.midstream_failure_rate else None
@@ -110,31 +124,46 @@ class FakeEngine:
                 await asyncio.sleep(cfg.ttft_ms / 1000)
             if fail_early:
                 raise _FAILURES[cfg.failure_error]("fake engine failure (failure_rate)")
-            stops = StopMatcher(request.sampling.stop)
-            # The answer is cut by max_tokens when it is shorter than the natural answer.
-            finish = "length" if request.sampling.max_tokens <= cfg.default_completion_tokens else "stop"
-            for i, token in enumerate(tokens):
-                if i and cfg.tokens_per_s:
-                    await asyncio.sleep(1 / cfg.tokens_per_s)
-                if fail_mid_at is not None and i == fail_mid_at:
-                    raise EngineError("fake engine failure mid-stream (midstream_failure_rate)")
-                if stall_at is not None and i == stall_at:
-                    await asyncio.sleep(cfg.stall_s)
-                text, hit = stops.feed(token)
-                emitted += 1
-                logprobs = (TokenLogprob(token=text, logprob=token_logprobs[i]),) if request.sampling.logprobs and text else ()
-                if text:
-                    yield GenerationChunk(text=text, logprobs=logprobs)
-                if hit:
-                    finish = "stop"
-                    break
-            else:
-                tail = stops.flush()
-                if tail:
-                    yield GenerationChunk(text=tail)
+            reasons: list[FinishReason] = []
+            for index in range(sampling.n):
+                # choice 0 is the answer a one-choice request gets; the others differ by index
+                choice_prompt = prompt if index == 0 else f"{prompt}\n#choice {index}"
+                call = forced_tool_call(sampling, choice_prompt)
+                if call is not None:
+                    emitted += 1
+                    yield GenerationChunk(index=index, tool_calls=(call,))
+                    reasons.append("tool_calls")
+                    continue
+                tokens = answer_tokens(sampling, choice_prompt, cfg.default_completion_tokens)
+                _, token_logprobs = fake_logprobs(choice_prompt, len(tokens), cfg)
+                stops = StopMatcher(sampling.stop)
+                # The answer is cut by max_tokens when it is shorter than the natural answer.
+                cut = sampling.max_tokens < len(tokens) if sampling.response_format else sampling.max_tokens <= cfg.default_completion_tokens
+                finish: FinishReason = "length" if cut else "stop"
+                for i, token in enumerate(tokens[: sampling.max_tokens]):
+                    if (i or index) and cfg.tokens_per_s:
+                        await asyncio.sleep(1 / cfg.tokens_per_s)
+                    if fail_mid_at is not None and emitted == fail_mid_at:
+                        raise EngineError("fake engine failure mid-stream (midstream_failure_rate)")
+                    if stall_at is not None and emitted == stall_at:
+                        await asyncio.sleep(cfg.stall_s)
+                    text, hit = stops.feed(token)
+                    emitted += 1
+                    logprobs = (_logprob(text, token_logprobs[i], sampling.top_logprobs),) if sampling.logprobs and text else ()
+                    if text:
+                        yield GenerationChunk(text=text, logprobs=logprobs, index=index)
+                    if hit:
+                        finish = "stop"
+                        break
+                else:
+                    tail = stops.flush()
+                    if tail:
+                        yield GenerationChunk(text=tail, index=index)
+                reasons.append(finish)
             finished = True
             self.completed += 1
-            yield GenerationChunk(finish_reason=finish, usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=emitted))
+            yield GenerationChunk(finish_reason=reasons[0], usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=emitted),
+                                  finish_reasons=tuple(reasons) if sampling.n > 1 else ())
         finally:
             self.active -= 1
             if not finished:
@@ -143,3 +172,52 @@ class FakeEngine:
                 self.recent_aborts.append(
                     {"request_id": request.request_id, "tokens": emitted, "elapsed_s": round(time.monotonic() - started, 4)}
                 )
+
+
+def _logprob(token: str, logprob: float, top: int) -> TokenLogprob:
+    """The sampled token first among ``top`` alternatives, each less likely than the last."""
+    alternatives = [(token, logprob)] + [(w, logprob - 1.0 - k) for k, w in enumerate(w for w in _WORDS if w != token.strip())]
+    return TokenLogprob(token=token, logprob=logprob, top=tuple(alternatives[:top]))
+
+
+def forced_tool_call(sampling: SamplingParams, prompt: str) -> ToolCall | None:
+    """The call the fake makes: when ``tool_choice`` is ``required`` (the first tool) or
+    names a function (that one); arguments fill the function's parameter schema. With
+    ``auto`` or no tool_choice it answers in text, so tests decide when a call happens."""
+    choice = sampling.tool_choice
+    if not sampling.tools or choice in (None, "none", "auto"):
+        return None
+    functions = [t["function"] for t in sampling.tools]
+    if isinstance(choice, dict):
+        functions = [f for f in functions if f["name"] == choice["function"]["name"]]
+    function = functions[0]
+    arguments = json.dumps(fill_schema(function.get("parameters") or {"type": "object"}, prompt))
+    call_id = "call_" + hashlib.sha256(f"{function['name']}:{prompt}".encode()).hexdigest()[:24]
+    return ToolCall(index=0, id=call_id, name=function["name"], arguments=arguments)
+
+
+def answer_tokens(sampling: SamplingParams, prompt: str, natural: int) -> list[str]:
+    """The answer's tokens: words, or valid JSON (``response_format``) cut into pieces."""
+    fmt = sampling.response_format
+    if fmt is None or fmt.get("type") == "text":
+        return fake_tokens(prompt, natural)
+    if fmt["type"] == "json_schema":
+        value = fill_schema(fmt["json_schema"].get("schema") or {"type": "object"}, prompt)
+    else:
+        value = {"answer": "".join(fake_tokens(prompt, 4))}
+    return re.findall(r"\s*\S+", json.dumps(value))
+
+
+def fill_schema(schema: dict[str, Any], prompt: str) -> Any:
+    """A deterministic value of a (simple) JSON schema: every property of an object,
+    the first of an enum, one item of an array, a prompt-derived word for a string."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        return {name: fill_schema(sub, prompt) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [fill_schema(schema.get("items") or {"type": "string"}, prompt)]
+    return {"string": "".join(fake_tokens(prompt, 1)), "integer": 1, "number": 1.5, "boolean": True}.get(kind)

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from cluster.capabilities import engine_params, refuse_unsupported
 from cluster.config import HFEngineConfig
 from cluster.errors import ContextLengthExceededError, EngineError, EngineUnavailableError, InvalidRequestError, SLMError
 from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob, Usage
@@ -35,7 +36,7 @@ class HFEngine:
     admitted, completed, aborted and failed requests and the batch sizes of forward passes.
     """
 
-    capabilities = EngineCapabilities(streaming=True, logprobs=True)
+    capabilities = EngineCapabilities(streaming=True, logprobs=True, raw_prompt=True, params=engine_params("hf"))
 
     def __init__(self, config: HFEngineConfig, *, system_prompt: str | None = None, loader: Loader = load_model) -> None:
         self.config = config
@@ -103,11 +104,25 @@ class HFEngine:
 
     def encode(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids: the chat template over the messages (the version's
-        system prompt first unless the request has one), with the assistant turn opened.
+        system prompt first unless the request has one), with the assistant turn opened;
+        or a raw ``request.prompt`` tokenized as is.
         Raises ``ContextLengthExceededError`` (param ``messages``) when the prompt plus
         ``max_tokens`` does not fit the context, ``InvalidRequestError`` when the template
         rejects the messages."""
         loaded = self._require_loaded()
+        if request.prompt is not None:  # /v1/completions: the raw text, no template, no system prompt
+            ids = list(loaded.tokenizer.encode(request.prompt))
+        else:
+            ids = self._template_ids(loaded, request)
+        limit = self._context_limit()
+        if len(ids) + request.sampling.max_tokens > limit:
+            raise ContextLengthExceededError(
+                f"prompt of {len(ids)} tokens plus max_tokens {request.sampling.max_tokens} exceeds the context of {limit} tokens",
+                param="messages" if request.prompt is None else "prompt",
+            )
+        return ids
+
+    def _template_ids(self, loaded: LoadedModel, request: GenerationRequest) -> list[int]:
         messages = messages_as_dicts(with_system_prompt(request, self.system_prompt))
         from jinja2 import TemplateError
 
@@ -115,14 +130,7 @@ class HFEngine:
             rendered = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         except TemplateError as err:
             raise InvalidRequestError(f"the model's chat template rejected the messages: {err}", param="messages") from err
-        ids = list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
-        limit = self._context_limit()
-        if len(ids) + request.sampling.max_tokens > limit:
-            raise ContextLengthExceededError(
-                f"prompt of {len(ids)} tokens plus max_tokens {request.sampling.max_tokens} exceeds the context of {limit} tokens",
-                param="messages",
-            )
-        return ids
+        return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the answer; see ``cluster.protocols.Engine``. Greedy at temperature 0,
@@ -130,6 +138,7 @@ class HFEngine:
         the model's unscaled distribution. ``usage.completion_tokens`` counts every token
         the model produced for the request, an ending EOS token included."""
         decoder = self._require_decoder()
+        refuse_unsupported(self.capabilities, request, "hf")
         _validate(request.sampling)
         prompt_ids = self.encode(request)
         seq = Sequence(

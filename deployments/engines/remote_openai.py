@@ -1,8 +1,8 @@
 """The ``remote_openai`` engine: any OpenAI-compatible chat server, streamed over httpx.
 
 Used for the frontier fallback (and for any model served elsewhere, e.g. a vLLM server).
-Every answer is a streamed ``POST {base_url}/chat/completions`` with
-``stream_options.include_usage``, so usage comes from the upstream and an early close of
+Every answer is a streamed ``POST {base_url}/chat/completions`` (a raw prompt from
+/v1/completions: ``POST {base_url}/completions``) with ``stream_options.include_usage``, so usage comes from the upstream and an early close of
 our iterator closes the HTTP response, which is how the upstream learns to stop (abort).
 
 Error mapping (upstream -> ours, all raised):
@@ -35,14 +35,25 @@ import httpx
 
 from cluster.config import RemoteOpenAIEngineConfig
 from cluster.errors import ConfigError, EngineError, EngineTimeoutError, EngineUnavailableError, SLMError
-from cluster.types import ChatMessage, EngineCapabilities, FinishReason, GenerationChunk, GenerationRequest, TokenLogprob, Usage
+from cluster.capabilities import engine_params, refuse_unsupported
+from cluster.types import (
+    ChatMessage,
+    EngineCapabilities,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    ToolCall,
+    Usage,
+)
 from deployments.engines.common import messages_as_dicts, with_system_prompt
 
 T = TypeVar("T")
 Clock = Callable[[], float]
 
 # Anything else (tool_calls, content_filter) ends the answer as "stop".
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 _DRAIN_AFTER_DONE_S = 1.0  # what [DONE] may be followed by: just the end of the chunked body
 _MESSAGE_LIMIT = 300  # upstream error text kept in our messages
 
@@ -55,7 +66,7 @@ class RemoteOpenAIEngine:
     inject one to expire it without waiting.
     """
 
-    capabilities = EngineCapabilities(streaming=True, logprobs=True)
+    capabilities = EngineCapabilities(streaming=True, logprobs=True, raw_prompt=True, params=engine_params("remote_openai"))
 
     def __init__(self, config: RemoteOpenAIEngineConfig, *, system_prompt: str | None = None,
                  env: Mapping[str, str] | None = None, clock: Clock = time.monotonic) -> None:
@@ -64,6 +75,7 @@ class RemoteOpenAIEngine:
         self._env = os.environ if env is None else env
         self._clock = clock
         self._url = config.base_url.rstrip("/") + "/chat/completions"
+        self._completions_url = config.base_url.rstrip("/") + "/completions"  # raw prompts (/v1/completions)
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
@@ -113,9 +125,14 @@ class RemoteOpenAIEngine:
         consumer) closes the HTTP response, so the upstream sees the disconnect and stops."""
         if self._client is None:
             raise EngineUnavailableError("remote_openai engine is not started")
+        refuse_unsupported(self.capabilities, request, "remote_openai")
         deadline = _Deadline(self._clock, self.config.total_timeout_s)
-        messages = with_system_prompt(request, self.system_prompt)
-        response = await self._open(self._client, self._payload(request, messages), deadline)
+        if request.prompt is not None:  # a raw prompt goes to the upstream's legacy /completions, as is
+            messages: tuple[ChatMessage, ...] = ()
+            response = await self._open(self._client, completions_payload(self.config.model, request), deadline, self._completions_url)
+        else:
+            messages = with_system_prompt(request, self.system_prompt)
+            response = await self._open(self._client, self._payload(request, messages), deadline)
         try:
             lines = response.aiter_lines()
             events = SSEDecoder()
@@ -123,14 +140,13 @@ class RemoteOpenAIEngine:
             while not answer.done:
                 line = await _read(deadline, lambda: anext(lines, None), "reading the stream")
                 data = events.feed(line) if line is not None else events.flush()
-                chunk = answer.feed(data) if data is not None else None
-                if chunk is not None:
+                for chunk in answer.feed(data) if data is not None else ():
                     yield chunk
                 if line is None:
                     break
             if answer.done:
                 await _drain(lines, deadline)
-            yield answer.final(prompt_chars=sum(len(m.content) for m in messages))
+            yield answer.final(prompt_chars=sum(len(m.content) for m in messages) + len(request.prompt or ""))
         finally:
             await response.aclose()
 
@@ -157,12 +173,13 @@ class RemoteOpenAIEngine:
             body["seed"] = sampling.seed
         if sampling.logprobs:
             body["logprobs"] = True
+        body.update(optional_params(sampling))
         return body
 
-    async def _open(self, client: httpx.AsyncClient, body: dict[str, Any], deadline: _Deadline) -> httpx.Response:
+    async def _open(self, client: httpx.AsyncClient, body: dict[str, Any], deadline: _Deadline, url: str | None = None) -> httpx.Response:
         """Sends the request and returns the streaming response once its status is 2xx;
         an error status is read, closed and raised as a typed error."""
-        outgoing = client.build_request("POST", self._url, json=body, headers={"X-Request-ID": uuid.uuid4().hex})
+        outgoing = client.build_request("POST", url or self._url, json=body, headers={"X-Request-ID": uuid.uuid4().hex})
         response = await _read(deadline, lambda: client.send(outgoing, stream=True), "connecting")
         if response.is_success:
             return response
@@ -215,15 +232,16 @@ class _Answer:
         self.want_logprobs = want_logprobs
         self.done = False  # [DONE] seen
         self.finish: FinishReason | None = None
+        self.finishes: dict[int, FinishReason] = {}  # by choice index (n > 1)
         self.usage: Usage | None = None
         self.deltas = 0
 
-    def feed(self, data: str) -> GenerationChunk | None:
-        """The text chunk in one event's data, if any; raises ``EngineError`` for an error
+    def feed(self, data: str) -> list[GenerationChunk]:
+        """The chunks in one event's data (one per choice with text or tool calls); raises ``EngineError`` for an error
         event or one it cannot read (upstream garbage is not our bug, so never a 500)."""
         if data.strip() == "[DONE]":
             self.done = True
-            return None
+            return []
         event = _json_object(data)
         if event.get("error") or event.get("object") == "error":  # OpenAI's shape, and older vLLM's
             raise EngineError(f"upstream error mid-stream: {_error_text(event)}", code="upstream_stream_error")
@@ -232,20 +250,25 @@ class _Answer:
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise EngineError(f"upstream sent an unreadable event: {data[:_MESSAGE_LIMIT]!r}", code="upstream_bad_stream") from err
 
-    def _read_event(self, event: dict[str, Any]) -> GenerationChunk | None:
+    def _read_event(self, event: dict[str, Any]) -> list[GenerationChunk]:
         if event.get("usage"):
             self.usage = _usage(event["usage"])
-        choice = next((c for c in event.get("choices") or () if c.get("index", 0) == 0), None)
-        if choice is None:
-            return None
-        if choice.get("finish_reason"):
-            self.finish = _FINISH.get(choice["finish_reason"], "stop")
-        text = (choice.get("delta") or {}).get("content") or ""
-        logprobs = _logprobs(choice) if self.want_logprobs else ()
-        if not text and not logprobs:
-            return None
-        self.deltas += 1
-        return GenerationChunk(text=text, logprobs=logprobs)
+        chunks = []
+        for choice in event.get("choices") or ():
+            index = int(choice.get("index", 0))
+            if choice.get("finish_reason"):
+                self.finishes[index] = _FINISH.get(choice["finish_reason"], "stop")
+                if index == 0:
+                    self.finish = self.finishes[0]
+            delta = choice.get("delta") or {}
+            # chat streams put text in delta.content; legacy completion streams in choice.text
+            text = delta.get("content") or choice.get("text") or ""
+            calls = tuple(_tool_call(raw) for raw in delta.get("tool_calls") or ())
+            logprobs = _logprobs(choice) if self.want_logprobs else ()
+            if text or logprobs or calls:
+                self.deltas += 1
+                chunks.append(GenerationChunk(text=text, logprobs=logprobs, index=index, tool_calls=calls))
+        return chunks
 
     def final(self, prompt_chars: int) -> GenerationChunk:
         """The last chunk. Without upstream usage the counts are estimates: prompt characters
@@ -254,7 +277,8 @@ class _Answer:
         if self.finish is None:
             raise EngineError("upstream stream ended early (no finish_reason)", code="upstream_stream_truncated")
         usage = self.usage or Usage(prompt_tokens=max(1, math.ceil(prompt_chars / 4)), completion_tokens=self.deltas)
-        return GenerationChunk(finish_reason=self.finish, usage=usage)
+        reasons = tuple(self.finishes.get(i, "stop") for i in range(max(self.finishes) + 1)) if len(self.finishes) > 1 else ()
+        return GenerationChunk(finish_reason=self.finish, usage=usage, finish_reasons=reasons)
 
 
 def _json_object(data: str) -> dict[str, Any]:
@@ -271,9 +295,60 @@ def _usage(raw: Mapping[str, Any]) -> Usage:
     return Usage(prompt_tokens=int(raw.get("prompt_tokens") or 0), completion_tokens=int(raw.get("completion_tokens") or 0))
 
 
+def completions_payload(model: str, request: GenerationRequest) -> dict[str, Any]:
+    """The upstream ``/completions`` body for a raw prompt (``logprobs: 0``: the chosen
+    tokens' logprobs, the legacy API's way of asking for them)."""
+    sampling = request.sampling
+    body: dict[str, Any] = {"model": model, "prompt": request.prompt, "stream": True, "stream_options": {"include_usage": True},
+                            "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if sampling.logprobs:
+        body["logprobs"] = 0
+    return body
+
+
 def _logprobs(choice: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
+    legacy = choice.get("logprobs") or {}
+    if "tokens" in legacy:  # the completions API's shape: parallel lists
+        return tuple(TokenLogprob(token=str(t), logprob=float(lp)) for t, lp in zip(legacy["tokens"], legacy["token_logprobs"]))
     content = (choice.get("logprobs") or {}).get("content") or ()
-    return tuple(TokenLogprob(token=str(item["token"]), logprob=float(item["logprob"])) for item in content)
+    return tuple(
+        TokenLogprob(token=str(item["token"]), logprob=float(item["logprob"]),
+                     top=tuple((str(t["token"]), float(t["logprob"])) for t in item.get("top_logprobs") or ()))
+        for item in content
+    )
+
+
+def _tool_call(raw: Mapping[str, Any]) -> ToolCall:
+    """One piece of a streamed tool call, as OpenAI sends it (id and name on the first)."""
+    function = raw.get("function") or {}
+    return ToolCall(index=int(raw.get("index", 0)), id=raw.get("id"), name=function.get("name"), arguments=function.get("arguments") or "")
+
+
+def optional_params(sampling: SamplingParams) -> dict[str, Any]:
+    """The optional OpenAI parameters a request uses, as the upstream takes them: passed
+    through unchanged (cluster/capabilities.py lists them all for this engine)."""
+    body: dict[str, Any] = {}
+    if sampling.n > 1:
+        body["n"] = sampling.n
+    if sampling.top_logprobs:
+        body["top_logprobs"] = sampling.top_logprobs
+    if sampling.presence_penalty:
+        body["presence_penalty"] = sampling.presence_penalty
+    if sampling.frequency_penalty:
+        body["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    if sampling.tools:
+        body["tools"] = list(sampling.tools)
+    if sampling.tool_choice is not None:
+        body["tool_choice"] = sampling.tool_choice
+    if sampling.response_format is not None:
+        body["response_format"] = sampling.response_format
+    return body
 
 
 # --- errors and time ---------------------------------------------------------------------

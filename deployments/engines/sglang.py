@@ -47,10 +47,12 @@ API facts relied on (SGLang >= 0.5, checked against current main):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
 
+from cluster.capabilities import engine_params, refuse_unsupported
 from cluster.config import SGLangEngineConfig
 from cluster.errors import EngineError, EngineUnavailableError, RateLimitedError, SLMError
 from cluster.types import (
@@ -134,6 +136,17 @@ def sampling_params(sampling: SamplingParams) -> dict[str, Any]:
         params["stop"] = list(sampling.stop)
     if sampling.seed is not None:
         params["sampling_seed"] = sampling.seed
+    if sampling.presence_penalty:
+        params["presence_penalty"] = sampling.presence_penalty
+    if sampling.frequency_penalty:
+        params["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.logit_bias:
+        params["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    fmt = sampling.response_format
+    if fmt is not None and fmt["type"] != "text":
+        # SGLang constrains decoding to a JSON schema given as a string; json_object is any object
+        schema = fmt["json_schema"].get("schema") if fmt["type"] == "json_schema" else None
+        params["json_schema"] = json.dumps(schema or {"type": "object"})
     return params
 
 
@@ -264,7 +277,7 @@ class SGLangEngine:
     ``start()``; the default starts real SGLang, tests pass ``tests/fakes/sglang_engine.py``.
     """
 
-    capabilities = EngineCapabilities(streaming=True, logprobs=True)
+    capabilities = EngineCapabilities(streaming=True, logprobs=True, params=engine_params("sglang"))
 
     def __init__(
         self,
@@ -306,6 +319,7 @@ class SGLangEngine:
         """Text chunks in order, then one final chunk with finish reason and usage. Closing
         or cancelling the iterator aborts the request in SGLang."""
         engine = self._require_started()
+        refuse_unsupported(self.capabilities, request, "sglang")
         params = sampling_params(request.sampling)  # a bad seed is a 400 before any work
         tokenizer: ChatTokenizer = engine.tokenizer_manager.tokenizer
         assert self._tokenizer_thread is not None

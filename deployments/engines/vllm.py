@@ -48,6 +48,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
+from cluster.capabilities import engine_params, refuse_unsupported
 from cluster.config import VLLMEngineConfig
 from cluster.errors import EngineError, EngineUnavailableError, SLMError
 from cluster.types import (
@@ -138,7 +139,27 @@ def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
         kwargs["seed"] = sampling.seed
     if sampling.logprobs:
         kwargs["logprobs"] = 0  # the sampled token's logprob, no alternatives
+    if sampling.presence_penalty:
+        kwargs["presence_penalty"] = sampling.presence_penalty
+    if sampling.frequency_penalty:
+        kwargs["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.logit_bias:
+        kwargs["logit_bias"] = dict(sampling.logit_bias)
+    structured = structured_outputs(sampling.response_format)
+    if structured is not None:
+        kwargs["structured_outputs"] = structured  # the loader wraps it in StructuredOutputsParams
     return kwargs
+
+
+def structured_outputs(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """vLLM's ``StructuredOutputsParams`` fields (vLLM >= 0.12; ``guided_decoding`` before)
+    for OpenAI's ``response_format``: ``json_object`` is any JSON object, ``json_schema``
+    its schema."""
+    if response_format is None or response_format["type"] == "text":
+        return None
+    if response_format["type"] == "json_object":
+        return {"json_object": True}
+    return {"json": response_format["json_schema"].get("schema") or {"type": "object"}}
 
 
 def token_logprobs(token_ids: Sequence[int], logprobs: Sequence[Any] | None) -> tuple[TokenLogprob, ...]:
@@ -220,7 +241,14 @@ def load_vllm_backend(config: VLLMEngineConfig) -> VLLMBackend:
     except ImportError as exc:
         raise EngineUnavailableError(f"vLLM is not installed ({exc}); {_INSTALL_HINT}") from exc
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args_kwargs(config)))
-    return VLLMBackend(llm=llm, make_sampling_params=lambda kw: VLLMSamplingParams(**kw, output_kind=RequestOutputKind.DELTA))
+    def make(kw: dict[str, Any]) -> Any:
+        if "structured_outputs" in kw:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kw = {**kw, "structured_outputs": StructuredOutputsParams(**kw["structured_outputs"])}
+        return VLLMSamplingParams(**kw, output_kind=RequestOutputKind.DELTA)
+
+    return VLLMBackend(llm=llm, make_sampling_params=make)
 
 
 class VLLMEngine:
@@ -230,7 +258,7 @@ class VLLMEngine:
     starts real vLLM, tests pass ``tests/fakes/vllm_engine.fake_vllm_backend``.
     """
 
-    capabilities = EngineCapabilities(streaming=True, logprobs=True)
+    capabilities = EngineCapabilities(streaming=True, logprobs=True, params=engine_params("vllm"))
 
     def __init__(
         self,
@@ -272,6 +300,7 @@ class VLLMEngine:
         """Text chunks in order, then one final chunk with finish reason and usage. Closing
         or cancelling the iterator aborts the request in vLLM."""
         backend, tokenizer = self._require_started()
+        refuse_unsupported(self.capabilities, request, "vllm")
         try:  # vLLM validates sampling options when the object is built
             params = backend.make_sampling_params(sampling_kwargs(request.sampling))
         except Exception as exc:

@@ -5,30 +5,37 @@ from __future__ import annotations
 import json
 from typing import Any, AsyncIterator, Callable
 
-from cluster.openai_schema import chunk_body, completion_body, usage_body
+from cluster.openai_schema import choice_body, chunk_body, completion_body, usage_body
 from cluster.types import GenerationChunk
 from deployments.gateway.errors import to_slm_error
+from deployments.gateway.tools import ChoiceParts, choice_count, finish_of, logprob_items, tool_call_delta
 
 
 async def collect_completion(chunks: AsyncIterator[GenerationChunk], meta: dict[str, Any], *, logprobs: bool) -> dict[str, Any]:
-    """One chat.completion body. ``chunks`` is closed however this ends (a final chunk, an
-    error, or the client leaving), explicitly rather than by garbage collection."""
-    parts: list[str] = []
-    lps: list[tuple[str, float]] = []
+    """One chat.completion body, every choice (``n``) with its text, tool calls and
+    logprobs. ``chunks`` is closed however this ends (a final chunk, an error, or the
+    client leaving), explicitly rather than by garbage collection."""
+    parts: dict[int, ChoiceParts] = {}
     try:
         async for chunk in chunks:
-            parts.append(chunk.text)
-            lps.extend((lp.token, lp.logprob) for lp in chunk.logprobs)
+            if chunk.text or chunk.tool_calls or chunk.logprobs:
+                parts.setdefault(chunk.index, ChoiceParts()).add(chunk)
             if chunk.is_final:
                 assert chunk.usage is not None and chunk.finish_reason is not None  # the Engine contract
+                choices = []
+                for index in range(choice_count(chunk, parts)):
+                    got = parts.get(index, ChoiceParts())
+                    choices.append(choice_body(index, "".join(got.text), finish_of(chunk, index),
+                                               got.logprobs if logprobs else None, got.tool_calls()))
                 return completion_body(
                     completion_id=meta["id"],
                     created=meta["created"],
                     model=meta["model"],
-                    text="".join(parts),
+                    text="",
                     finish_reason=chunk.finish_reason,
                     usage=usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens),
-                    logprobs=lps if logprobs else None,
+                    logprobs=None,
+                    choices=choices,
                 )
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
@@ -56,15 +63,23 @@ async def sse_events(
     SSE comment line before ``[DONE]`` (``: x-slm-trailer {...}``), which SSE clients,
     the OpenAI SDKs included, skip; the response headers left before they were known."""
     common = {"completion_id": meta["id"], "created": meta["created"], "model": meta["model"]}
+    started = {0}  # choices whose role delta went out; choice 0's goes first, the others' with their first piece
     try:
         yield _event(chunk_body(**common, delta={"role": "assistant", "content": ""}))
         chunk = first
         while True:
-            if chunk.text:
-                lps = [(lp.token, lp.logprob) for lp in chunk.logprobs] if logprobs else None
-                yield _event(chunk_body(**common, delta={"content": chunk.text}, logprobs=lps))
+            if chunk.text or chunk.tool_calls:
+                lps = logprob_items(chunk.logprobs) if logprobs and chunk.text else None
+                delta: dict[str, Any] = {} if chunk.index in started else {"role": "assistant"}
+                started.add(chunk.index)
+                if chunk.text:
+                    delta["content"] = chunk.text
+                if chunk.tool_calls:
+                    delta["tool_calls"] = [tool_call_delta(call) for call in chunk.tool_calls]
+                yield _event(chunk_body(**common, delta=delta, logprobs=lps, index=chunk.index))
             if chunk.is_final:
-                yield _event(chunk_body(**common, delta={}, finish_reason=chunk.finish_reason))
+                for index in range(choice_count(chunk, started)):
+                    yield _event(chunk_body(**common, delta={}, finish_reason=finish_of(chunk, index), index=index))
                 if include_usage and chunk.usage is not None:
                     usage = usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                     yield _event(chunk_body(**common, delta={}, usage=usage, with_choice=False))

@@ -110,3 +110,33 @@ async def test_health(eut: EngineUnderTest) -> None:
     await eut.engine.shutdown()
     with pytest.raises(EngineUnavailableError):
         await eut.engine.check_health()
+
+
+# One request per optional OpenAI parameter (cluster/capabilities.py FEATURES).
+_OPTIONAL = {
+    "tools": {"tools": ({"type": "function", "function": {"name": "f"}},)},
+    "tool_choice": {"tools": ({"type": "function", "function": {"name": "f"}},), "tool_choice": "required"},
+    "response_format": {"response_format": {"type": "json_object"}},
+    "presence_penalty": {"presence_penalty": 0.5},
+    "frequency_penalty": {"frequency_penalty": 0.5},
+    "logit_bias": {"logit_bias": ((1, -1.0),)},
+    "stop": {"stop": ("\n",)},
+    "top_logprobs": {"logprobs": True, "top_logprobs": 2},
+    "n": {"n": 2},
+}
+
+
+async def test_refuses_optional_parameters_it_does_not_declare(eut: EngineUnderTest) -> None:
+    from cluster.capabilities import FEATURES
+    from cluster.errors import InvalidRequestError
+
+    assert set(_OPTIONAL) == set(FEATURES)
+    refused = [name for name in FEATURES if name not in eut.engine.capabilities.params]
+    for name in refused:
+        if name == "tool_choice" and "tools" in refused:
+            continue  # tools is named first
+        request = GenerationRequest("opt", (ChatMessage("user", "hi"),), SamplingParams(max_tokens=2, **_OPTIONAL[name]))
+        with pytest.raises(InvalidRequestError) as info:
+            async for _ in eut.engine.generate(request):
+                pass
+        assert (info.value.param, info.value.code, info.value.http_status) == (name, "unsupported_parameter", 400)

@@ -1,6 +1,7 @@
 """A real OpenAI-compatible chat server for tests: uvicorn on 127.0.0.1 in a background thread.
 
-It serves ``POST /v1/chat/completions`` (SSE stream or one JSON answer) on a free loopback
+It serves ``POST /v1/chat/completions`` and the legacy ``POST /v1/completions`` (SSE
+stream or one JSON answer) on a free loopback
 port, so adapters and gateways are tested over real HTTP, with no patching::
 
     with OpenAIUpstream(answer="Hello there", token_delay_s=0.01) as upstream:
@@ -19,6 +20,11 @@ As a pytest fixture (it runs in its own thread and loop, so any test loop may us
 Knobs (``UpstreamKnobs``, the constructor's keyword arguments, mutable as ``upstream.knobs``):
 the answer (fixed, or derived from the prompt), delays, a forced error status, a required
 API key, and a stream that fails after N tokens by hang-up, error event or early end.
+
+Requests drive the answer's shape as OpenAI's would: ``n`` choices (each with its index,
+usage counting them all), ``top_logprobs`` alternatives, and a forced tool call when
+``tool_choice`` is ``required`` or names a function (``weather``-style fixed arguments,
+streamed in two pieces: id, type and name first, then the arguments).
 
 Counters (the server thread updates them): ``requests``, ``completed`` (answers sent to the
 end), ``disconnected`` (requests whose client went away before the end: what an engine's
@@ -81,6 +87,7 @@ class OpenAIUpstream:
         self.last_authorization: str | None = None
         self.last_body: dict[str, Any] | None = None
         self.bodies: list[dict[str, Any]] = []
+        self.paths: list[str] = []  # each request's path, in order (/v1/chat/completions or /v1/completions)
         self.port = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -132,7 +139,8 @@ class OpenAIUpstream:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        if scope["method"] != "POST" or scope["path"].rstrip("/") != "/v1/chat/completions":
+        path = scope["path"].rstrip("/")
+        if scope["method"] != "POST" or path not in ("/v1/chat/completions", "/v1/completions"):
             await _send_json(send, 404, _error_body(404, f"no route {scope['method']} {scope['path']}"))
             return
         raw = await _read_body(receive)
@@ -144,8 +152,10 @@ class OpenAIUpstream:
         self.last_body = body
         self.bodies.append(body)
         self.last_authorization = headers.get("authorization")
+        self.paths.append(path)
         knobs = dataclasses.replace(self.knobs)  # a snapshot: a test may change knobs meanwhile
-        await self._until_disconnect(receive, self._respond(knobs, body, self.last_authorization, send))
+        respond = self._respond_text if path == "/v1/completions" else self._respond
+        await self._until_disconnect(receive, respond(knobs, body, self.last_authorization, send))
 
     async def _until_disconnect(self, receive: Receive, work: Awaitable[None]) -> None:
         """Runs the response while watching for the client going away; a departure cancels
@@ -184,12 +194,33 @@ class OpenAIUpstream:
     def _count_completed(self) -> None:
         self.completed += 1
 
+    async def _respond_text(self, knobs: UpstreamKnobs, body: dict[str, Any], auth: str | None, send: Send) -> None:
+        """The legacy ``/v1/completions``: the same answer knobs, in the text_completion shape."""
+        await asyncio.sleep(knobs.first_byte_delay_s)
+        status = knobs.status
+        if status is None and knobs.api_key is not None and auth != f"Bearer {knobs.api_key}":
+            status = 401
+        if status is not None:
+            await _send_json(send, status, _error_body(status, knobs.error_message))
+            return
+        tokens, finish = _answer(knobs, body)
+        if body.get("stream"):
+            await _stream_text(send, knobs, body, tokens, finish, self._count_completed)
+            return
+        self._count_completed()
+        choice = {"text": "".join(tokens), "index": 0, "logprobs": _text_logprobs(body, tokens, 0), "finish_reason": finish}
+        await _send_json(send, 200, {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()),
+                                     "model": body.get("model", "fake"), "choices": [choice], "usage": _usage(body, tokens)})
+
 
 # --- the answer ----------------------------------------------------------------------
 
 
 def _answer(knobs: UpstreamKnobs, body: dict[str, Any]) -> tuple[list[str], str]:
-    """(tokens to send, finish_reason): the natural answer, cut by max_tokens or a stop string."""
+    """(tokens to send, finish_reason): the natural answer, cut by max_tokens or a stop
+    string; no tokens and ``tool_calls`` when the request forces a tool call."""
+    if _tool_call(body) is not None:
+        return [], "tool_calls"
     if knobs.answer is not None:
         words = knobs.answer.split(" ")
     else:
@@ -210,26 +241,54 @@ def _answer(knobs: UpstreamKnobs, body: dict[str, Any]) -> tuple[list[str], str]
 
 
 def _prompt(body: dict[str, Any]) -> str:
+    if isinstance(body.get("prompt"), str):  # /v1/completions
+        return body["prompt"]
     return "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+
+
+def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The call a request forces (``tool_choice`` ``required``: the first tool; a named
+    function: that one), with fixed arguments; None when the model may answer in text."""
+    choice, tools = body.get("tool_choice"), body.get("tools") or []
+    if not tools or choice in (None, "none", "auto"):
+        return None
+    name = choice["function"]["name"] if isinstance(choice, dict) else tools[0]["function"]["name"]
+    return {"id": "call_upstream_1", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}
+
+
+def _choices(body: dict[str, Any]) -> int:
+    return int(body.get("n") or 1)
 
 
 def _usage(body: dict[str, Any], tokens: list[str]) -> dict[str, int]:
     prompt = max(1, len(_prompt(body).split()))
-    return {"prompt_tokens": prompt, "completion_tokens": len(tokens), "total_tokens": prompt + len(tokens)}
+    completion = len(tokens) * _choices(body)  # every choice counts
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _logprobs(body: dict[str, Any], tokens: list[str], start: int) -> dict[str, Any] | None:
     if not body.get("logprobs"):
         return None
-    return {"content": [{"token": t, "logprob": -0.1 * (1 + (start + i) % 5), "bytes": list(t.encode()), "top_logprobs": []}
-                        for i, t in enumerate(tokens)]}
+    top = int(body.get("top_logprobs") or 0)
+
+    def entry(i: int, t: str) -> dict[str, Any]:
+        lp = -0.1 * (1 + (start + i) % 5)
+        alternatives = [{"token": t, "logprob": lp, "bytes": list(t.encode())}]
+        alternatives += [{"token": w, "logprob": lp - 1 - k, "bytes": list(w.encode())} for k, w in enumerate(_WORDS)]
+        return {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": alternatives[:top]}
+
+    return {"content": [entry(i, t) for i, t in enumerate(tokens)]}
 
 
 def _completion(body: dict[str, Any], tokens: list[str], finish: str) -> dict[str, Any]:
-    message = {"role": "assistant", "content": "".join(tokens)}
-    choice = {"index": 0, "message": message, "logprobs": _logprobs(body, tokens, 0), "finish_reason": finish}
+    call = _tool_call(body)
+    message: dict[str, Any] = {"role": "assistant", "content": None if call else "".join(tokens)}
+    if call is not None:
+        message["tool_calls"] = [call]
+    choices = [{"index": i, "message": message, "logprobs": _logprobs(body, tokens, 0), "finish_reason": finish}
+               for i in range(_choices(body))]
     return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model", "fake"), "choices": [choice], "usage": _usage(body, tokens)}
+            "model": body.get("model", "fake"), "choices": choices, "usage": _usage(body, tokens)}
 
 
 # --- streaming -----------------------------------------------------------------------
@@ -242,8 +301,8 @@ async def _stream(send: Send, knobs: UpstreamKnobs, body: dict[str, Any], tokens
     include_usage = knobs.send_usage and bool((body.get("stream_options") or {}).get("include_usage"))
     usage_field = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict[str, Any], reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+    def chunk(delta: dict[str, Any], reason: str | None = None, logprobs: Any = None, index: int = 0) -> dict[str, Any]:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": body.get("model", "fake"), "choices": [choice], **usage_field}
 
@@ -259,9 +318,53 @@ async def _stream(send: Send, knobs: UpstreamKnobs, body: dict[str, Any], tokens
     if knobs.fail_after_tokens is not None and knobs.fail_after_tokens >= len(tokens):
         await _break(send, knobs)
         return
-    await _event(send, chunk({}, reason=finish))
+    call = _tool_call(body)
+    for index in range(_choices(body)):  # the first choice's text went out above; the others (n > 1) follow
+        if index:
+            await _event(send, chunk({"role": "assistant", "content": ""}, index=index))
+            for i, token in enumerate(tokens):
+                await _event(send, chunk({"content": token}, logprobs=_logprobs(body, [token], i), index=index))
+        if call is not None:  # in two pieces, as OpenAI streams one: id, type and name first, then arguments
+            head = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+            await _event(send, chunk({"tool_calls": [head]}, index=index))
+            await _event(send, chunk({"tool_calls": [{"index": 0, "function": {"arguments": call["function"]["arguments"]}}]}, index=index))
+    for index in range(_choices(body)):
+        await _event(send, chunk({}, reason=finish, index=index))
     if include_usage:
         await _event(send, {**chunk({}), "choices": [], "usage": _usage(body, tokens)})
+    completed()
+    await _body(send, b"data: [DONE]\n\n", more=False)
+
+
+def _text_logprobs(body: dict[str, Any], tokens: list[str], start: int) -> dict[str, Any] | None:
+    """The completions API's logprobs (``logprobs: 0`` asks for the chosen tokens' only)."""
+    if body.get("logprobs") is None:
+        return None
+    return {"tokens": tokens, "token_logprobs": [-0.1 * (1 + (start + i) % 5) for i in range(len(tokens))],
+            "top_logprobs": None, "text_offset": []}
+
+
+async def _stream_text(send: Send, knobs: UpstreamKnobs, body: dict[str, Any], tokens: list[str], finish: str,
+                       completed: Callable[[], None]) -> None:
+    """The legacy stream: one text_completion event per token, a finish event, usage when
+    asked, ``[DONE]``; the failure knobs cut it short as in chat."""
+    include_usage = knobs.send_usage and bool((body.get("stream_options") or {}).get("include_usage"))
+
+    def event(text: str, reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        return {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": body.get("model", "fake"),
+                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}]}
+
+    await _start(send, 200, "text/event-stream")
+    for i, token in enumerate(tokens):
+        if knobs.fail_after_tokens is not None and i == knobs.fail_after_tokens:
+            await _break(send, knobs)
+            return
+        if i and knobs.token_delay_s:
+            await asyncio.sleep(knobs.token_delay_s)
+        await _event(send, event(token, logprobs=_text_logprobs(body, [token], i)))
+    await _event(send, event("", reason=finish))
+    if include_usage:
+        await _event(send, {**event(""), "choices": [], "usage": _usage(body, tokens)})
     completed()
     await _body(send, b"data: [DONE]\n\n", more=False)
 

@@ -82,6 +82,10 @@ class FakeSamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: dict[str, Any] | None = None  # the real one takes StructuredOutputsParams
     output_kind: str = "CUMULATIVE"
 
     def __post_init__(self) -> None:
@@ -91,6 +95,9 @@ class FakeSamplingParams:
             raise VLLMValidationError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.max_tokens < 1:
             raise VLLMValidationError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise VLLMValidationError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
         if self.logprobs is not None and self.logprobs < 0:
             raise VLLMValidationError(f"logprobs must be non-negative, got {self.logprobs}.")
 

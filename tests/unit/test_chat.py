@@ -50,7 +50,7 @@ def test_limits(kw: dict, error: type, param: str) -> None:
 
 @pytest.mark.parametrize(
     "kw",
-    [{"n": 2}, {"top_logprobs": 3}, {"stop": ["a", "b", "c", "d", "e"]}, {"messages": []}, {"bogus": 1}, {"temperature": -1},
+    [{"n": 17}, {"top_logprobs": 21}, {"stop": ["a", "b", "c", "d", "e"]}, {"messages": []}, {"bogus": 1}, {"temperature": -1},
      {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}],
 )
 def test_schema_rejects(kw: dict) -> None:

@@ -229,8 +229,10 @@ async def test_readyz_reads_replica_counts_not_the_request_queues(gateway: Any) 
 
 async def test_any_route_failure_is_an_openai_body(gateway: Any) -> None:
     gw, _, client = gateway
-    gw.model_ids = None  # a bug of ours inside /v1/models
+    config = gw.config
+    gw.config = None  # a bug of ours inside /v1/models
     _error(await client.get("/v1/models"), 500, "internal_error")
+    gw.config = config
 
     gw.warmth = None  # /readyz touches it first
     _error(await client.get("/readyz"), 500, "internal_error")

@@ -1,0 +1,102 @@
+"""Which optional OpenAI request parameters each engine kind honours, and the checks.
+
+A pure table keyed by engine kind, so the gateway can refuse a request before any model
+call without importing an engine library; the adapters declare the same sets in their
+``EngineCapabilities.params`` (a unit test holds the two equal) and refuse too, in case a
+request reaches them some other way. A parameter an engine cannot honour is a 400
+(``invalid_request_error``, ``code: unsupported_parameter``, ``param`` naming it): never
+accepted and silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from cluster.config import ClusterConfig
+from cluster.errors import InvalidRequestError
+from cluster.types import EngineCapabilities, GenerationRequest, RouteDecision, SamplingParams
+
+# Wire names, in the order a refusal names the first missing one.
+FEATURES = (
+    "tools",
+    "tool_choice",
+    "response_format",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "stop",
+    "top_logprobs",
+    "n",
+)
+
+# vLLM and SGLang's in-process engines take penalties, logit_bias and structured output
+# in their sampling options; tool calling needs a model-specific parser of the answer
+# (their HTTP servers have one, their engines do not), and n > 1 / top_logprobs need the
+# adapters to read several outputs per step, which they do not yet. hf streams one
+# sequence through its own batcher: stop strings only.
+ENGINE_PARAMS: dict[str, frozenset[str]] = {
+    "remote_openai": frozenset(FEATURES),
+    "fake": frozenset({"tools", "tool_choice", "response_format", "stop", "top_logprobs", "n"}),
+    "vllm": frozenset({"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "stop"}),
+    "sglang": frozenset({"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "stop"}),
+    "hf": frozenset({"stop"}),
+}
+
+UNSUPPORTED = "unsupported_parameter"
+
+
+def requested(sampling: SamplingParams) -> tuple[str, ...]:
+    """The optional parameters a request really uses (defaults and no-ops left out)."""
+    used = {
+        "tools": bool(sampling.tools),
+        "tool_choice": sampling.tool_choice is not None,
+        "response_format": sampling.response_format is not None and sampling.response_format.get("type") != "text",
+        "presence_penalty": sampling.presence_penalty != 0,
+        "frequency_penalty": sampling.frequency_penalty != 0,
+        "logit_bias": bool(sampling.logit_bias),
+        "stop": bool(sampling.stop),
+        "top_logprobs": sampling.top_logprobs > 0,
+        "n": sampling.n > 1,
+    }
+    return tuple(name for name in FEATURES if used[name])
+
+
+def engine_params(kind: str) -> frozenset[str]:
+    return ENGINE_PARAMS.get(kind, frozenset())
+
+
+def decision_params(cfg: ClusterConfig, decision: RouteDecision) -> frozenset[str]:
+    """What the model version a decision names honours (nothing for an unknown one)."""
+    model = cfg.model(decision.model)
+    version = model.version(decision.version) if model is not None else None
+    return engine_params(version.engine.kind) if version is not None else frozenset()
+
+
+def first_missing(supported: frozenset[str], needed: Iterable[str]) -> str | None:
+    return next((name for name in needed if name not in supported), None)
+
+
+def capable(cfg: ClusterConfig, decision: RouteDecision, needed: tuple[str, ...]) -> bool:
+    return first_missing(decision_params(cfg, decision), needed) is None
+
+
+def unsupported_error(param: str, served_by: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The parameter {param!r} is not supported by the model {served_by!r}; no model that serves this request can honour it.",
+        param=param,
+        code=UNSUPPORTED,
+    )
+
+
+def check_decision(cfg: ClusterConfig, decision: RouteDecision, needed: tuple[str, ...]) -> None:
+    """Raise the 400 naming the first parameter the decision's engine cannot honour."""
+    missing = first_missing(decision_params(cfg, decision), needed)
+    if missing is not None:
+        raise unsupported_error(missing, decision.served_name)
+
+
+def refuse_unsupported(capabilities: EngineCapabilities, request: GenerationRequest, engine: str) -> None:
+    """The adapters' own check (defence in depth): the 400 the gateway would have given."""
+    missing = first_missing(capabilities.params, requested(request.sampling))
+    if missing is not None:
+        raise unsupported_error(missing, engine)
