@@ -11,6 +11,7 @@ from cluster.openai_endpoints import text_completion_body, text_completion_chunk
 from cluster.openai_schema import usage_body
 from cluster.types import GenerationChunk, TokenLogprob
 from deployments.gateway.errors import to_slm_error
+from deployments.gateway.responses import sse_event
 
 
 async def collect_text_completion(chunks: AsyncIterator[GenerationChunk], meta: dict[str, Any], *, logprobs: bool) -> dict[str, Any]:
@@ -33,10 +34,6 @@ async def collect_text_completion(chunks: AsyncIterator[GenerationChunk], meta: 
     raise AssertionError("timed_chunks always ends with a final chunk or raises")
 
 
-def _event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
-
-
 async def text_sse_events(
     first: GenerationChunk,
     chunks: AsyncIterator[GenerationChunk],
@@ -54,18 +51,18 @@ async def text_sse_events(
         chunk = first
         while True:
             if chunk.text:
-                yield _event(text_completion_chunk(**common, text=chunk.text, logprobs=list(chunk.logprobs) if logprobs else None))
+                yield sse_event(text_completion_chunk(**common, text=chunk.text, logprobs=list(chunk.logprobs) if logprobs else None))
             if chunk.is_final:
-                yield _event(text_completion_chunk(**common, finish_reason=chunk.finish_reason))
+                yield sse_event(text_completion_chunk(**common, finish_reason=chunk.finish_reason))
                 if include_usage and chunk.usage is not None:
                     usage = usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    yield _event(text_completion_chunk(**common, usage=usage, with_choice=False))
+                    yield sse_event(text_completion_chunk(**common, usage=usage, with_choice=False))
                 if trailer is not None:
                     yield f": x-slm-trailer {json.dumps(trailer(), separators=(',', ':'))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             chunk = await chunks.__anext__()
     except Exception as exc:  # noqa: BLE001 - headers are sent; the error goes in the stream
-        yield _event(to_slm_error(exc).to_openai())
+        yield sse_event(to_slm_error(exc).to_openai())
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]

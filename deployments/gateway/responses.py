@@ -42,7 +42,8 @@ async def collect_completion(chunks: AsyncIterator[GenerationChunk], meta: dict[
     raise AssertionError("timed_chunks always ends with a final chunk or raises")
 
 
-def _event(body: dict[str, Any]) -> str:
+def sse_event(body: dict[str, Any]) -> str:
+    """One server-sent event holding ``body`` as compact JSON (chat and legacy streams)."""
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
@@ -65,7 +66,7 @@ async def sse_events(
     common = {"completion_id": meta["id"], "created": meta["created"], "model": meta["model"]}
     started = {0}  # choices whose role delta went out; choice 0's goes first, the others' with their first piece
     try:
-        yield _event(chunk_body(**common, delta={"role": "assistant", "content": ""}))
+        yield sse_event(chunk_body(**common, delta={"role": "assistant", "content": ""}))
         chunk = first
         while True:
             if chunk.text or chunk.tool_calls:
@@ -76,20 +77,20 @@ async def sse_events(
                     delta["content"] = chunk.text
                 if chunk.tool_calls:
                     delta["tool_calls"] = [tool_call_delta(call) for call in chunk.tool_calls]
-                yield _event(chunk_body(**common, delta=delta, logprobs=lps, index=chunk.index))
+                yield sse_event(chunk_body(**common, delta=delta, logprobs=lps, index=chunk.index))
             if chunk.is_final:
                 for index in range(choice_count(chunk, started)):
-                    yield _event(chunk_body(**common, delta={}, finish_reason=finish_of(chunk, index), index=index))
+                    yield sse_event(chunk_body(**common, delta={}, finish_reason=finish_of(chunk, index), index=index))
                 if include_usage and chunk.usage is not None:
                     usage = usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    yield _event(chunk_body(**common, delta={}, usage=usage, with_choice=False))
+                    yield sse_event(chunk_body(**common, delta={}, usage=usage, with_choice=False))
                 if trailer is not None:
                     yield f": x-slm-trailer {json.dumps(trailer(), separators=(',', ':'))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             chunk = await chunks.__anext__()
     except Exception as exc:  # noqa: BLE001 - headers are sent; the error goes in the stream
-        yield _event(to_slm_error(exc).to_openai())
+        yield sse_event(to_slm_error(exc).to_openai())
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
 

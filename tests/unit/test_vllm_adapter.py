@@ -1,6 +1,6 @@
 """The vLLM adapter against a small in-process fake of ``AsyncLLM`` (no vLLM, no GPU).
 
-The fakes mirror vLLM's real names: ``RequestOutput`` / ``CompletionOutput`` / ``Logprob``
+The fakes (tests/fakes/vllm_engine.py) mirror vLLM's real names: ``RequestOutput`` / ``CompletionOutput`` / ``Logprob``
 attributes, and DELTA outputs (each carries only its new text, token ids and logprobs).
 """
 
@@ -21,36 +21,9 @@ from cluster.protocols import Engine
 from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob, Usage
 from deployments.engines import create_engine
 from deployments.engines.vllm import VLLMBackend, VLLMEngine, engine_args_kwargs, sampling_kwargs, token_logprobs
+from tests.fakes.vllm_engine import CompletionOutput, Logprob, RequestOutput
 
-# --- fakes with vLLM's attribute names ---------------------------------------------------
-
-
-@dataclass
-class Logprob:
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None
-    logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int] | None
-    prompt_logprobs: None
-    outputs: list[CompletionOutput]
-    finished: bool
+# --- fakes with vLLM's attribute names (tests/fakes/vllm_engine.py) -------------------------
 
 
 def step(text: str, ids: list[int], finish: str | None = None, tokens: list[str] | None = None) -> RequestOutput:
