@@ -21,7 +21,7 @@ from cluster import traffic
 from cluster.cli.ray_cluster import LocalCluster
 from cluster.config import ClusterConfig
 from cluster.errors import InvalidRequestError
-from cluster.serve_config import CONTROLLER_APP
+from cluster.serve_config import CONTROLLER_APP, GATEWAY_NAME
 from cluster.traffic_store import RedisTrafficStore
 
 WAIT_S = 15.0
@@ -137,9 +137,12 @@ async def _wait_for(store: RedisTrafficStore, model: str, done, what: str) -> di
 def cmd_start(args: argparse.Namespace) -> int:
     cfg, url, details = _deployed_with_details(args)
     model = _model(cfg, args.model)
-    if model.version(args.version) is None:
+    version = model.version(args.version)
+    if version is None:
         raise InvalidRequestError(f"{model.name} has no deployed version {args.version!r}; deployed: {', '.join(v.name for v in model.versions)}")
-    health = _deployment_status(details, cfg.name, f"{model.name}-{args.version}")
+    # A version that runs in the gateway is as healthy as the gateway that holds it.
+    where = GATEWAY_NAME if version.runs_in == "gateway" else f"{model.name}-{args.version}"
+    health = _deployment_status(details, cfg.name, where)
     if health != "HEALTHY":
         # A candidate that did not start is never given traffic: nothing is left half done.
         raise InvalidRequestError(f"{model.name}@{args.version} is {health}, not HEALTHY; fix or redeploy it first (`slmctl status`)")

@@ -355,7 +355,7 @@ def plan_cluster(
     """The plan for every replica of ``cfg`` on GPUs of ``gpu_type`` (see the module docstring)."""
     gpu = find_gpu(gpu_type)
     sizings, unplaced, warnings = [], [], []
-    for model, version in cfg.deployments():
+    for model, version in cfg.model_deployments():
         sizing, problem, notes = _size(deployment_name(model.name, version.name), version, cfg.model_shapes, gpu, as_configured, overhead_gib)
         sizings.append(sizing)
         warnings += notes

@@ -7,12 +7,14 @@ applications in the same Serve instance:
 - ``passthrough`` (route prefix ``/pt``): one FastAPI ingress deployment that forwards
   ``POST /v1/chat/completions`` with httpx to the upstream and returns its answer;
 - ``slm`` (route prefix ``/``): slm-cluster built from ``cluster_config()`` below: the gateway, the
-  router and one ``remote_openai`` ModelServer (``remote``) pointed at the same upstream.
+  router and one ``remote_openai`` ModelServer (``remote``) pointed at the same upstream;
+- ``slm-in`` (route prefix ``/in``): the same, with the ``remote`` version run in the
+  gateway (``runs_in: gateway``, no ModelServer deployment: one Serve hop fewer).
 
 It measures, non-streamed, over a bounded load loop (httpx async, ``--requests`` per cell
 after a warm-up, ``--rounds`` rounds with the targets interleaved, medians reported):
 requests/s at 16 concurrent clients and p50 at one client, for the passthrough, slm-cluster
-with ``model: remote`` (named) and, for information, ``model: auto``. Then the ratios
+with ``model: remote`` (named) on each app and, for information, ``model: auto``. Then the ratios
 against the targets: rps >= 0.9x the passthrough's at 16 clients, p50 at one client
 <= 1.15x the passthrough's. Ray starts with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` for both
 sides, as ``slmctl up`` does by default (``--no-throughput-optimized`` to compare).
@@ -21,7 +23,7 @@ sides, as ``slmctl up`` does by default (``--no-throughput-optimized`` to compar
 
 Each 16-client cell also records the CPU seconds every process of the run spent (this
 driver and its descendants: Ray's processes, the upstream), per request. ``--py-spy DIR``
-then records the gateway, the ModelServer, the passthrough replica, the proxy and the
+then records the gateways (both apps), the ModelServer, the passthrough replica, the proxy and the
 controller with py-spy under 16 clients for ``--profile-s`` seconds each, writing folded
 stacks (``*.folded``) and a top-functions summary (``*.top.txt``) to DIR (py-spy must be
 installed and allowed to ptrace). Figures and reading: docs/benchmarks.md, "Front door".
@@ -54,7 +56,7 @@ ANSWER_TOKENS = 16
 PROMPT = "Write a Python function that reverses a list."
 
 
-def cluster_config(upstream_base_url: str) -> dict[str, Any]:
+def cluster_config(upstream_base_url: str, runs_in: str = "deployment") -> dict[str, Any]:
     """slm-cluster with one ``remote_openai`` model (the general one, so ``auto`` can reach
     it), the keyword router, no Redis; ``pii: detect`` and the other defaults as shipped."""
     version = {
@@ -62,9 +64,10 @@ def cluster_config(upstream_base_url: str) -> dict[str, Any]:
         "engine": {"kind": "remote_openai", "base_url": upstream_base_url, "model": "upstream-model"},
         "resources": {"num_cpus": 0.1},
         "max_ongoing_requests": 256,
+        "runs_in": runs_in,
     }
     return {
-        "name": "frontdoor",
+        "name": "frontdoor" if runs_in == "deployment" else "frontdoor-in",
         "models": [{"name": REMOTE, "role": "general", "versions": [version]}],
         "router": {"kind": "heuristic", "resources": {"num_cpus": 0.1}},
         "gateway": {"resources": {"num_cpus": 0.1}},
@@ -218,7 +221,9 @@ def _caller(client: httpx.AsyncClient, path: str, model: str) -> Callable[[], Aw
 
 TARGETS = [("passthrough", "/pt/v1/chat/completions", "upstream-model"),
            ("slm named", "/v1/chat/completions", REMOTE),
-           ("slm auto", "/v1/chat/completions", "auto")]
+           ("slm named, in gateway", "/in/v1/chat/completions", REMOTE),
+           ("slm auto", "/v1/chat/completions", "auto"),
+           ("slm auto, in gateway", "/in/v1/chat/completions", "auto")]
 
 
 def _process_name(proc: Any) -> str:
@@ -289,10 +294,10 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     by = {(r["path"], r["concurrency"]): r for r in rows}
     pt16, pt1 = by[("passthrough", 16)], by[("passthrough", 1)]
     lines = []
-    for name in ("slm named", "slm auto"):
+    for name in dict.fromkeys(r["path"] for r in rows if r["path"] != "passthrough"):  # in the rows' order
         rps = by[(name, 16)]["rps"] / pt16["rps"]
         p50 = by[(name, 1)]["p50_ms"] / pt1["p50_ms"]
-        tag = "" if name == "slm named" else " (information)"
+        tag = " (information)" if "auto" in name else ""
         lines.append(f"{name}{tag}: rps at 16 = {rps:.2f}x passthrough (target >= 0.90: {'PASS' if rps >= 0.9 else 'FAIL'}), "
                      f"p50 at 1 = {p50:.2f}x passthrough (target <= 1.15: {'PASS' if p50 <= 1.15 else 'FAIL'})")
     return lines
@@ -417,13 +422,15 @@ def main() -> None:
             gateway_max = config_from_dict(cluster_config(upstream)).gateway.max_ongoing_requests
             serve.run(build_passthrough(upstream, max_ongoing_requests=gateway_max), name="passthrough", route_prefix="/pt")
             serve.run(build_from_config(config_from_dict(cluster_config(upstream))), name="slm", route_prefix="/")
+            serve.run(build_from_config(config_from_dict(cluster_config(upstream, "gateway"))), name="slm-in", route_prefix="/in")
             rows, cpu = asyncio.run(measure(base, args.requests, args.rounds))
             report(rows, cpu, args)
             if args.py_spy:
                 pt = asyncio.run(_pid(base, "/pt/pid"))
                 named = ("/v1/chat/completions", REMOTE)
                 asyncio.run(profile(base, args.py_spy, args.profile_s, [
-                    ("gateway", _replica_pid("gateway"), *named), ("model-server", _replica_pid(f"{REMOTE}-v1"), *named),
+                    ("gateway", _replica_pid("slm:gateway"), *named), ("model-server", _replica_pid(f"slm:{REMOTE}-v1"), *named),
+                    ("gateway-in", _replica_pid("slm-in:gateway"), "/in/v1/chat/completions", REMOTE),
                     ("passthrough", pt, "/pt/v1/chat/completions", "upstream-model"),
                     ("proxy-slm", _replica_pid("ProxyActor", prefix="ray::"), *named),
                     ("proxy-passthrough", _replica_pid("ProxyActor", prefix="ray::"), "/pt/v1/chat/completions", "upstream-model"),

@@ -278,6 +278,12 @@ class ModelVersionConfig(Strict):
     )
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices and energy, for routing and reports.")
     system_prompt: str | None = Field(None, description="Prepended as a system message when the request has none.")
+    runs_in: Literal["deployment", "gateway"] = Field(
+        "deployment",
+        description="deployment: a ModelServer deployment of its own. gateway (remote_openai only): the engine, an HTTP client, "
+        "runs inside each gateway replica and saves every call a Serve hop; it then has no replicas, autoscaling or health "
+        "checks of its own, and max_ongoing_requests / max_queued_requests bound its calls per gateway replica (docs/engines.md).",
+    )
     defaults: SamplingDefaults = Field(
         default_factory=SamplingDefaults, description="Sampling for requests that leave temperature or top_p out (docs/endpoints.md)."
     )
@@ -286,6 +292,11 @@ class ModelVersionConfig(Strict):
     def _queue_limit(self) -> "ModelVersionConfig":
         if self.max_queued_requests == 0:
             raise ValueError("max_queued_requests must be -1 (no limit) or at least 1")
+        if self.runs_in == "gateway" and self.engine.kind != "remote_openai":
+            raise ValueError(f"runs_in: gateway is for remote_openai engines only (an HTTP client); a {self.engine.kind} engine "
+                             "holds a model and needs a deployment of its own")
+        if self.runs_in == "gateway" and (self.resources.num_gpus or self.autoscaling.min_replicas == 0):
+            raise ValueError("runs_in: gateway takes no GPUs and cannot scale to zero: it lives in the gateway's replicas")
         return self
 
     @property
@@ -532,8 +543,12 @@ class ClusterConfig(Strict):
     def deployments(self) -> list[tuple[ModelConfig, ModelVersionConfig]]:
         return [(m, v) for m in self.models for v in m.versions]
 
+    def model_deployments(self) -> list[tuple[ModelConfig, ModelVersionConfig]]:
+        """The versions that are ModelServer deployments of their own (not ``runs_in: gateway``)."""
+        return [(m, v) for m, v in self.deployments() if v.runs_in == "deployment"]
+
     def deployment_names(self) -> list[str]:
-        return [deployment_name(m.name, v.name) for m, v in self.deployments()]
+        return [deployment_name(m.name, v.name) for m, v in self.model_deployments()]
 
 
 class CrossFieldIssues(ValueError):

@@ -25,7 +25,7 @@ class ReplicaDemand:
 def replica_demands(cfg: ClusterConfig) -> list[ReplicaDemand]:
     """What the initial replicas of every deployment ask for."""
     out = []
-    for model, version in cfg.deployments():
+    for model, version in cfg.model_deployments():
         auto = version.autoscaling.serve_options()
         out.append(
             ReplicaDemand(deployment_name(model.name, version.name), auto["initial_replicas"], version.resources.num_cpus, version.resources.num_gpus)

@@ -33,8 +33,8 @@ def deployment_options(name: str, block: ModelVersionConfig | RouterConfig | Gat
 
 
 def data_plane_deployments(cfg: ClusterConfig) -> list[dict[str, Any]]:
-    """Every model version's options, then the router's and the gateway's."""
-    out = [deployment_options(deployment_name(m.name, v.name), v) for m, v in cfg.deployments()]
+    """Every model deployment's options (not the versions that run in the gateway), then the router's and the gateway's."""
+    out = [deployment_options(deployment_name(m.name, v.name), v) for m, v in cfg.model_deployments()]
     out.append(deployment_options(ROUTER_NAME, cfg.router))
     out.append(deployment_options(GATEWAY_NAME, cfg.gateway))
     return out

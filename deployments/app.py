@@ -34,9 +34,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 
 def build_from_config(cfg: ClusterConfig) -> Application:
-    """One ModelServer deployment per model version, one Router, one Gateway ingress."""
+    """One ModelServer deployment per model version (but those that run in the gateway),
+    one Router, one Gateway ingress."""
     models = {}
-    for model, version in cfg.deployments():
+    for model, version in cfg.model_deployments():
         name = deployment_name(model.name, version.name)
         models[name] = (
             serve.deployment(ModelServer)

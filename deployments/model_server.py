@@ -17,11 +17,21 @@ from cluster.config import ModelVersionConfig
 from cluster.errors import EngineUnavailableError, InvalidRequestError
 from cluster.load_signals import LoadTracker
 from cluster.openai_endpoints import apply_defaults
+from cluster.protocols import Engine
 from cluster.types import GenerationChunk, GenerationRequest
 from deployments.engines import create_engine
 from deployments.stream_batching import batched_chunks
 
 log = logging.getLogger("ray.serve")
+
+
+def prepare_request(request: GenerationRequest, engine: Engine, version: ModelVersionConfig) -> GenerationRequest:
+    """The request as this version's engine takes it: a raw prompt only where the engine
+    takes one (the gateway checks first; defence in depth), and the version's sampling
+    defaults in the fields the client left out. Shared with ``deployments.in_gateway``."""
+    if request.prompt is not None and not engine.capabilities.raw_prompt:
+        raise InvalidRequestError(f"the {version.engine.kind} engine does not take raw prompts (/v1/completions)", param="model")
+    return apply_defaults(request, version.defaults)
 
 
 class StallWatch:
@@ -73,9 +83,7 @@ class ModelServer:
         """Stream the engine's chunks, coalesced into lists (see ``stream_batching``).
         Serve cancels this generator when the caller goes away; that closes the engine's
         iterator, which aborts the generation."""
-        if request.prompt is not None and not self.engine.capabilities.raw_prompt:  # the gateway checks first; defence in depth
-            raise InvalidRequestError(f"the {self.version.engine.kind} engine does not take raw prompts (/v1/completions)", param="model")
-        request = apply_defaults(request, self.version.defaults)  # the version's sampling for fields the client left out
+        request = prepare_request(request, self.engine, self.version)
         batches = batched_chunks(self.engine.generate(request), self.version.stream_batch_interval_ms / 1000)
         gen = self.load.start()
         watched = self.stalls.start()

@@ -65,3 +65,40 @@ async def batched_chunks(stream: AsyncIterator[GenerationChunk], interval_s: flo
     finally:
         pump.cancel()
         await asyncio.gather(pump, return_exceptions=True)
+
+
+class PumpedStream:
+    """An engine's chunk stream run by a task of its own, pulled the way a Serve streaming
+    response is: ``await stream.__anext__()`` gives every chunk that has arrived (at least
+    one) as a list, and ``cancel()`` stops the task, which closes (and so aborts) the
+    engine's stream. The task, not the puller, runs the engine's generator: the puller
+    wraps each pull in ``asyncio.wait_for``, which runs every step in a new task before
+    Python 3.12, and an engine's stream may hold task-bound state (httpx's timeouts)."""
+
+    def __init__(self, stream: AsyncIterator[GenerationChunk]) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pending: object | None = None  # an end or failure that arrived behind chunks
+        self._task = asyncio.get_running_loop().create_task(_pump(stream, self._queue))
+
+    def __aiter__(self) -> "PumpedStream":
+        return self
+
+    async def __anext__(self) -> list[GenerationChunk]:
+        item, self._pending = (self._pending, None) if self._pending is not None else (await self._queue.get(), None)
+        if item is _END:
+            self._pending = _END  # pulled again after the end: the end again
+            raise StopAsyncIteration
+        if isinstance(item, _Failure):
+            self._pending = item
+            raise item.exc
+        batch = [item]
+        while not self._queue.empty():
+            more = self._queue.get_nowait()
+            if not isinstance(more, GenerationChunk):
+                self._pending = more
+                break
+            batch.append(more)
+        return batch  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        self._task.cancel()

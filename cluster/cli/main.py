@@ -35,7 +35,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(str(err), file=sys.stderr)
             worst = EXIT_BAD_CONFIG
             continue
-        _say(f"{path}: OK ({len(cfg.models)} models, {len(cfg.deployments())} model deployments)")
+        _say(f"{path}: OK ({len(cfg.models)} models, {len(cfg.model_deployments())} model deployments)")
     return worst
 
 
@@ -111,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
               "Nothing was deployed. Lower the resources in the config, or start with more (--num-cpus/--num-gpus)."):
         return EXIT_DOES_NOT_FIT
     cfg = _with_redis(cfg, cluster)
-    _say(f"Deploying {len(cfg.deployments())} model deployments + router + gateway ({cpus:g} CPUs, {gpus:g} GPUs) ...")
+    _say(f"Deploying {len(cfg.model_deployments())} model deployments + router + gateway ({cpus:g} CPUs, {gpus:g} GPUs) ...")
     cluster.deploy(render_serve_config(cfg, host=host, port=port))
     code = _wait_until_running(cluster, cfg.name, args.timeout_s)
     if code == EXIT_OK:

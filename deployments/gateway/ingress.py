@@ -56,8 +56,9 @@ from deployments.gateway.figures import FigureRecorder
 from deployments.gateway.metrics import GatewayMetrics, finish_after
 from deployments.gateway.shadow import ShadowSender
 from deployments.gateway.splits import SplitCache
-from deployments.gateway.streams import timed_chunks
+from deployments.gateway.streams import handle_stream, timed_chunks
 from deployments.gateway.warmth import ReplicaCounts, Warmth, serve_replica_counts
+from deployments.in_gateway import in_gateway_models
 
 log = logging.getLogger("ray.serve")
 CLIENT_CLOSED = 499
@@ -89,6 +90,7 @@ class Gateway:
         self.config = config
         self.router = router
         self.models = models
+        self.in_gateway = in_gateway_models(config)  # runs_in: gateway: called without a Serve hop
         self.clock = time.monotonic
         env = env if env is not None else os.environ
         self.keys = self._load_api_keys(env)
@@ -108,7 +110,7 @@ class Gateway:
     def _warmth(self) -> Warmth:
         """Watches the deployments that may scale to zero (none: no poller runs)."""
         watched = {}
-        for model, version in self.config.deployments():
+        for model, version in self.config.model_deployments():
             auto = version.autoscaling
             if auto.min_replicas == 0:
                 initial = auto.min_replicas if auto.initial_replicas is None else auto.initial_replicas
@@ -123,6 +125,8 @@ class Gateway:
         await self.splits.close()
         await self.audit.close()
         await self.keys.close()
+        for model in self.in_gateway.values():
+            await model.shutdown()
 
     def _traffic_store(self, env: Mapping[str, str]):  # type: ignore[no-untyped-def]
         """The Redis traffic store when the config names one (``slmctl up`` names the
@@ -136,7 +140,11 @@ class Gateway:
         return RedisTrafficStore(url, prefix=r.key_prefix, password=r.password(env), timeout_s=r.timeout_s)
 
     def _open_call(self, decision: RouteDecision, request: GenerationRequest):  # type: ignore[no-untyped-def]
-        return timed_chunks(self.models[decision.deployment_name], request, self.config.gateway, self.clock)
+        name = decision.deployment_name
+        local = self.in_gateway.get(name)
+        if local is not None:
+            return timed_chunks(lambda: local.stream(request), self.config.gateway, self.clock)
+        return timed_chunks(lambda: handle_stream(self.models[name], request), self.config.gateway, self.clock)
 
     def _load_api_keys(self, env: Mapping[str, str]) -> KeyGuard:
         """The env-var keys, and the managed ones in Redis with ``gateway.keys.managed``

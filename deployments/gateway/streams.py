@@ -1,9 +1,14 @@
-"""Pull a ModelServer's chunk stream under the gateway's deadlines."""
+"""Pull a model call's chunk stream under the gateway's deadlines.
+
+The stream is a ModelServer's, over a ``DeploymentHandle`` (Serve's streaming response),
+or an in-gateway model's (``deployments.in_gateway``): both hand out lists of chunks and
+cancel the generation with ``cancel()``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from ray.serve.handle import DeploymentHandle
 
@@ -13,9 +18,21 @@ from cluster.errors import EngineError, EngineTimeoutError
 from cluster.types import GenerationChunk, GenerationRequest
 
 
+class BatchStream(Protocol):
+    """What ``timed_chunks`` pulls: lists of chunks, and a way to abort the generation."""
+
+    def __anext__(self) -> Awaitable[list[GenerationChunk]]: ...
+
+    def cancel(self) -> None: ...
+
+
+def handle_stream(handle: DeploymentHandle, request: GenerationRequest) -> BatchStream:
+    """A streaming call to a ModelServer replica (Serve picks the replica)."""
+    return handle.options(stream=True).generate.remote(request)  # type: ignore[no-any-return]
+
+
 async def timed_chunks(
-    handle: DeploymentHandle,
-    request: GenerationRequest,
+    open_stream: Callable[[], BatchStream],
     gw: GatewayConfig,
     clock: Callable[[], float],
 ) -> AsyncIterator[GenerationChunk]:
@@ -24,9 +41,10 @@ async def timed_chunks(
     Raises ``EngineTimeoutError`` when the first token, a later token or the whole answer
     is late, and ``EngineError`` when the stream ends without a final chunk. However it
     ends early (timeout, error, or the consumer closing this generator), the replica-side
-    generation is cancelled, which aborts it in the engine.
+    generation is cancelled, which aborts it in the engine. The call is opened on the
+    first pull, not before: a call that is never read never runs (nor needs cancelling).
     """
-    stream = handle.options(stream=True).generate.remote(request)
+    stream = open_stream()
     deadlines = StreamDeadlines(clock(), gw.request_timeout_s, gw.first_token_timeout_s, gw.stream_idle_timeout_s)
     last_at: float | None = None
     finished = False

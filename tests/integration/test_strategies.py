@@ -94,6 +94,7 @@ def base_url(ray_local: dict, upstream: OpenAIUpstream) -> str:  # noqa: F811
     apps = dict(APPS)
     apps["remote"] = ("/remote", _config("remote", remote, policy={"pii": "redact"}))
     apps["remote_detect"] = ("/rdetect", _config("rdetect", remote))
+    apps["inline"] = ("/inline", _config("inline", {**remote, "runs_in": "gateway"}))  # no frontier deployment
     for name, (prefix, cfg) in apps.items():
         serve.run(build_from_config(config_from_dict(cfg)), name=name, route_prefix=prefix)
     return ray_local["base_url"]
@@ -241,14 +242,29 @@ def test_race_cancels_the_fake_frontier_in_its_engine(base_url: str) -> None:
     assert abort["tokens"] == 0
 
 
-def test_race_cancels_the_remote_openai_frontier_upstream(base_url: str, upstream: OpenAIUpstream) -> None:
+@pytest.mark.parametrize("prefix", ["/remote", "/inline"])
+def test_race_cancels_the_remote_openai_frontier_upstream(base_url: str, upstream: OpenAIUpstream, prefix: str) -> None:
     # The small answer takes 0.4 s: long enough for the frontier's request to reach the
-    # upstream even on a busy machine, short of the upstream's 1.1 s answer.
+    # upstream even on a busy machine, short of the upstream's 1.1 s answer. /inline runs
+    # the frontier in the gateway (runs_in: gateway): the same cancellation, no Serve hop.
     before_requests, before_gone = upstream.requests, upstream.disconnected
-    headers, _, model = ask(base_url, "code@slowsure", "race", prefix="/remote")
+    headers, _, model = ask(base_url, "code@slowsure", "race", prefix=prefix)
     assert model == "code@slowsure" and headers["x-slm-cancelled"] == "frontier-v1"
     assert wait_for(lambda: upstream.disconnected > before_gone)
     assert upstream.requests == before_requests + 1 and upstream.disconnected == before_gone + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_frontier_in_the_gateway_answers_escalations_without_a_deployment(base_url: str, upstream: OpenAIUpstream, stream: bool) -> None:
+    from ray import serve
+
+    assert "frontier-v1" not in serve.status().applications["inline"].deployments
+    before = upstream.completed
+    headers, text, model = ask(base_url, "code@unsure", "cascade", prefix="/inline", stream=stream)
+    assert headers["x-slm-escalated"] == "true" and model == "frontier@v1" and headers["x-slm-model"] == "frontier"
+    assert len(text.split()) == TOKENS and upstream.completed == before + 1
+    headers, _, model = ask(base_url, "frontier", prefix="/inline", stream=stream)  # named: straight to the upstream
+    assert model == "frontier@v1" and upstream.completed == before + 2
 
 
 def test_the_hedge_budget_caps_frontier_calls(base_url: str) -> None:
