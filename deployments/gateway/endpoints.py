@@ -4,14 +4,11 @@ the request path is ``Gateway.completions`` (ingress.py)."""
 
 from __future__ import annotations
 
-import json
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Iterator
 
 from cluster.openai_endpoints import text_completion_body, text_completion_chunk
-from cluster.openai_schema import usage_body
 from cluster.types import GenerationChunk, TokenLogprob
-from deployments.gateway.errors import to_slm_error
-from deployments.gateway.responses import sse_event
+from deployments.gateway.responses import Trailer, sse_stream
 
 
 async def collect_text_completion(chunks: AsyncIterator[GenerationChunk], meta: dict[str, Any], *, logprobs: bool) -> dict[str, Any]:
@@ -34,35 +31,19 @@ async def collect_text_completion(chunks: AsyncIterator[GenerationChunk], meta: 
     raise AssertionError("timed_chunks always ends with a final chunk or raises")
 
 
-async def text_sse_events(
-    first: GenerationChunk,
-    chunks: AsyncIterator[GenerationChunk],
-    meta: dict[str, Any],
-    *,
-    include_usage: bool,
-    logprobs: bool,
-    trailer: Callable[[], dict[str, str]] | None = None,
-) -> AsyncIterator[str]:
+def text_sse_events(first: GenerationChunk, chunks: AsyncIterator[GenerationChunk], meta: dict[str, Any], *, include_usage: bool,
+                    logprobs: bool, trailer: Trailer | None = None) -> AsyncIterator[str]:
     """The legacy stream: one ``text_completion`` event per text chunk, one with the
     ``finish_reason``, a usage event (empty ``choices``) when asked, then ``[DONE]``. A
-    failure after the first byte ends it with an ``{"error": ...}`` event, as chat does."""
+    failure after the first byte ends it with an ``{"error": ...}`` event, as chat does
+    (the loop is ``sse_stream``'s)."""
     common = {"completion_id": meta["id"], "created": meta["created"], "model": meta["model"]}
-    try:
-        chunk = first
-        while True:
-            if chunk.text:
-                yield sse_event(text_completion_chunk(**common, text=chunk.text, logprobs=list(chunk.logprobs) if logprobs else None))
-            if chunk.is_final:
-                yield sse_event(text_completion_chunk(**common, finish_reason=chunk.finish_reason))
-                if include_usage and chunk.usage is not None:
-                    usage = usage_body(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                    yield sse_event(text_completion_chunk(**common, usage=usage, with_choice=False))
-                if trailer is not None:
-                    yield f": x-slm-trailer {json.dumps(trailer(), separators=(',', ':'))}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            chunk = await chunks.__anext__()
-    except Exception as exc:  # noqa: BLE001 - headers are sent; the error goes in the stream
-        yield sse_event(to_slm_error(exc).to_openai())
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+
+    def events(chunk: GenerationChunk) -> Iterator[dict[str, Any]]:
+        if chunk.text:
+            yield text_completion_chunk(**common, text=chunk.text, logprobs=list(chunk.logprobs) if logprobs else None)
+        if chunk.is_final:
+            yield text_completion_chunk(**common, finish_reason=chunk.finish_reason)
+
+    return sse_stream(first, chunks, events, lambda usage: text_completion_chunk(**common, usage=usage, with_choice=False),
+                      include_usage=include_usage, trailer=trailer)

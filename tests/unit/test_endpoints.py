@@ -5,9 +5,10 @@ fake engines, with the official ``openai`` client over ASGI for the wire shapes.
 from __future__ import annotations
 
 import base64
+import json
 import struct
 from types import SimpleNamespace
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from ray import serve
 
 from cluster.config import SamplingDefaults
-from cluster.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
+from cluster.errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelNotFoundError
 from cluster.loader import config_from_dict, load_profile
 from cluster.openai_endpoints import (
     EMBEDDER_ID,
@@ -32,10 +33,11 @@ from cluster.openai_endpoints import (
     to_completion_request,
 )
 
-from cluster.types import GenerationRequest, RouteDecision, SamplingParams, TokenLogprob
+from cluster.types import GenerationChunk, GenerationRequest, RouteDecision, SamplingParams, TokenLogprob, Usage
 from deployments.engines.fake import FakeEngine, fake_tokens
 from deployments.engines.remote_openai import RemoteOpenAIEngine, completions_payload
 from deployments.gateway import ingress
+from deployments.gateway.endpoints import text_sse_events
 from tests.unit.test_gateway_edge import KEY, _Method, build_gateway
 
 
@@ -212,6 +214,51 @@ def test_legacy_logprobs_and_upstream_payload() -> None:
     req = GenerationRequest("r", (), SamplingParams(max_tokens=3, stop=("\n",), seed=4, logprobs=True), prompt="Once")
     body = completions_payload("up", req)
     assert body["prompt"] == "Once" and "messages" not in body and body["logprobs"] == 0 and body["stop"] == ["\n"]
+
+
+# --- the legacy stream's events (the shared loop: responses.sse_stream) -----------------
+
+META = {"id": "cmpl-x", "created": 1, "model": "general@v1"}
+
+
+async def _text_events(*items: GenerationChunk | Exception, include_usage: bool,
+                       trailer: Callable[[], dict[str, str]] | None = None) -> tuple[list[str], list[bool]]:
+    """Every event ``text_sse_events`` sends for ``items`` (an exception is raised in place),
+    and whether it closed the chunk stream."""
+    closed: list[bool] = []
+
+    async def chunks() -> AsyncIterator[GenerationChunk]:
+        try:
+            for item in items:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            closed.append(True)
+
+    stream = chunks()
+    first = await stream.__anext__()
+    raw = [e async for e in text_sse_events(first, stream, META, include_usage=include_usage, logprobs=False, trailer=trailer)]
+    return raw, closed
+
+
+async def test_text_stream_sends_usage_then_the_trailer_then_done() -> None:
+    raw, closed = await _text_events(GenerationChunk(text="Hi"), GenerationChunk(text="!", finish_reason="stop", usage=Usage(2, 2)),
+                                     include_usage=True, trailer=lambda: {"x-slm-cost-usd": "0.1"})
+    assert raw[-2:] == [': x-slm-trailer {"x-slm-cost-usd":"0.1"}\n\n', "data: [DONE]\n\n"] and closed == [True]
+    events = [json.loads(e.removeprefix("data: ")) for e in raw[:-2]]
+    assert [(c["text"], c["finish_reason"]) for e in events[:-1] for c in e["choices"]] == [("Hi", None), ("!", None), ("", "stop")]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    quiet, _ = await _text_events(GenerationChunk(text="Hi", finish_reason="stop", usage=Usage(2, 1)), include_usage=False)
+    assert all("usage" not in json.loads(e.removeprefix("data: ")) for e in quiet[:-1]) and quiet[-1] == "data: [DONE]\n\n"
+
+
+async def test_text_stream_failing_midway_ends_with_an_error_event_and_closes_the_chunks() -> None:
+    raw, closed = await _text_events(GenerationChunk(text="Hi"), EngineError("the replica fell over"), include_usage=True,
+                                     trailer=lambda: {"x-slm-cost-usd": "0"})
+    assert json.loads(raw[0].removeprefix("data: "))["choices"][0]["text"] == "Hi"
+    assert json.loads(raw[-1].removeprefix("data: ")) == EngineError("the replica fell over").to_openai()
+    assert len(raw) == 2 and closed == [True]  # no finish, usage, trailer nor [DONE] after the error
 
 
 # --- the gateway app in process, through the official client ---------------------------
