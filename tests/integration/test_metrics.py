@@ -8,38 +8,17 @@ without three of its five specialists, so that it starts quickly here; answers a
 from __future__ import annotations
 
 import time
-from collections import defaultdict
-from typing import Iterator
 
 import httpx
 import pytest
 import yaml
 
 from cluster import metric_names as mn
-from tests.integration.conftest import free_port
+from tests.integration.support import scrape, total
 
 pytestmark = pytest.mark.integration
 
 MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def metrics_ray() -> Iterator[dict]:
-    """A fresh in-process Ray with a fixed metrics export port and a 1 s report interval."""
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(
-        address="local", include_dashboard=False, log_to_driver=False, num_cpus=4,
-        _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    try:
-        yield {"base_url": f"http://127.0.0.1:{http_port}", "scrape_url": f"http://127.0.0.1:{metrics_port}/metrics"}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def sim_config() -> dict:
@@ -57,23 +36,6 @@ def ask(url: str, model: str, strategy: str | None, *, stream: bool = False, con
     resp = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
     resp.read()
     return resp
-
-
-def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Our series only: name -> [(labels, value)]."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-    text = httpx.get(url, timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.startswith(mn.EXPORT_PREFIX + "slm_"):
-                out[sample.name].append((dict(sample.labels), sample.value))
-    return out
-
-
-def total(series: dict, name: str, **match: str) -> float:
-    return sum(v for labels, v in series.get(name, []) if all(labels.get(k) == want for k, want in match.items()))
 
 
 def test_every_metric_reaches_the_scrape_with_its_labels_and_counts(metrics_ray: dict) -> None:

@@ -23,7 +23,7 @@ import yaml
 from cluster.cli.nodes import short_id
 from cluster.config import ClusterConfig
 from cluster.loader import config_from_dict, profile_text
-from tests.integration.conftest import free_port
+from tests.integration.support import free_port
 from tests.integration.slmctl import slmctl
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

