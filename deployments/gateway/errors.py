@@ -10,6 +10,8 @@ from cluster.errors import EngineUnavailableError, InternalError, SLMError, find
 
 log = logging.getLogger("ray.serve")
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": the status of a request whose client left
+
 # Ray's own failures, by class name (their import paths move between Ray releases):
 # a full queue or a dead/unavailable replica means "try again", not "we have a bug".
 _RAY_UNAVAILABLE = {

@@ -21,25 +21,18 @@ from ray.serve.handle import DeploymentHandle
 from cluster import capabilities, costing, policy, strategy, traffic
 from cluster.chat import route_query, to_generation_request
 from cluster.config import ClusterConfig
-from cluster.errors import EngineTimeoutError, SLMError
+from cluster.errors import SLMError
 from cluster.keys import KeyRecord
 from cluster.openai_endpoints import (
-    EMBEDDER_ID,
-    embedding_body,
     find_model,
     model_objects,
     models_list,
-    parse_completion_request,
-    parse_embedding_request,
-    raw_prompt_decision,
-    to_completion_request,
 )
 from cluster.openai_schema import ChatCompletionRequest, parse_chat_request
 from cluster.routing import AUTO, COLD_REASON, apply_split, cover_cold, decide_auto, listed_models, resolve_explicit, route_capable
-from cluster.types import ChatMessage, GenerationRequest, RouteDecision, SamplingParams, deployment_name
+from cluster.types import GenerationRequest, RouteDecision, deployment_name
 from deployments.gateway.audit import AuditTrail
 from deployments.gateway.auth import KeyGuard
-from deployments.gateway.endpoints import collect_text_completion, text_sse_events
 from deployments.gateway.edge import (
     CHAT_OPENAPI,
     CHAT_RESPONSES,
@@ -49,7 +42,8 @@ from deployments.gateway.edge import (
     read_body,
 )
 from deployments.gateway.ensemble import Ensemble, Outcome, with_id
-from deployments.gateway.errors import error_response, to_slm_error
+from deployments.gateway import handlers
+from deployments.gateway.errors import CLIENT_CLOSED, error_response, to_slm_error
 from deployments.gateway.faults import retry_after_headers
 from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
 from deployments.gateway.figures import FigureRecorder
@@ -61,7 +55,6 @@ from deployments.gateway.warmth import ReplicaCounts, Warmth, serve_replica_coun
 from deployments.in_gateway import in_gateway_models
 
 log = logging.getLogger("ray.serve")
-CLIENT_CLOSED = 499
 
 api = FastAPI(title="slm-cluster gateway", docs_url=None, redoc_url=None)  # /openapi.json stays
 install_error_handlers(api)  # before @serve.ingress, which freezes a copy of the app
@@ -264,7 +257,8 @@ class Gateway:
                 self.warmth.warm_up(routed.deployment_name)
                 routed = apply_split(self.config, covered, snap.splits, snap.current, key)
             needed = capabilities.requested(gen.sampling)  # tools, n, penalties...: only engines that honour them
-            routed = route_capable(self.config, routed, needed, auto=auto)
+            routed = route_capable(self.config, routed, needed, auto=auto,
+                                   split=lambda d: apply_split(self.config, d, snap.splits, snap.current, key))
             first = decision = self._reachable(routed, auto, screened)
             capabilities.check_decision(self.config, decision, needed)  # a data-policy fallback must honour them too
             plan = strategy.plan(
@@ -407,88 +401,8 @@ class Gateway:
 
     @api.post("/v1/embeddings", responses=ERRORS)
     async def embeddings(self, request: Request) -> Response:
-        """``router-embedder``: the stock all-MiniLM-L6-v2 that the router deployment holds
-        beside its tuned copy. A limited key is admitted (its request rate counts) and its
-        token reservation given back: embeddings are not billed."""
-        ticket = None
-        headers: dict[str, str] = {}
-        try:
-            caller = await self._check_auth(request)
-            gw = self.config.gateway
-            job = parse_embedding_request(await read_body(request, gw.max_request_bytes, gw.body_timeout_s), self.config)
-            declared = policy.parse_data_class(request.headers.get(policy.DATA_CLASS_HEADER), self.config.policy)
-            self.keys.check_scope(caller, model=EMBEDDER_ID, strategy="route", data_class=declared)  # on-prem: no PII screen
-            as_chat = GenerationRequest("embed", tuple(ChatMessage("user", t) for t in job.texts), SamplingParams(max_tokens=1))
-            ticket = await self.keys.admit(caller, as_chat, headers)
-            result = await asyncio.wait_for(_await(self.router.embed.remote(list(job.texts))), gw.request_timeout_s)
-            body = embedding_body(result["embeddings"].tolist(), result["prompt_tokens"], job.encoding_format)
-            return JSONResponse(body, headers=headers)
-        except asyncio.TimeoutError:
-            return error_response(to_slm_error(EngineTimeoutError("The embedder did not answer in time.")), headers=headers)
-        except Exception as exc:  # noqa: BLE001 - mapped to a typed error in one place
-            return error_response(to_slm_error(exc), headers=headers)
-        finally:
-            self.keys.settle_soon(ticket)
+        return await handlers.embeddings(self, request)
 
     @api.post("/v1/completions", responses=ERRORS)
     async def completions(self, request: Request) -> Response:
-        """Legacy text completions: a raw prompt to a named model (or ``auto``, routed on the
-        prompt) whose engine takes raw prompts; strategy ``route`` only (no cascade, race or
-        escalation). Auth, key scope and limits, the data policy and traffic splits apply
-        as for chat; audit lines and gateway metrics cover chat only."""
-        started_at = self.clock()
-        request_id = clean_request_id(request.headers.get("x-request-id"))
-        headers: dict[str, str] = {"x-slm-strategy": "route"}
-        decision: RouteDecision | None = None
-        ticket = None
-        try:
-            caller = await self._check_auth(request)
-            gw = self.config.gateway
-            wire = parse_completion_request(await read_body(request, gw.max_request_bytes, gw.body_timeout_s))
-            gen = to_completion_request(wire, gw, request_id)
-            as_chat = dataclasses.replace(gen, messages=(ChatMessage("user", gen.prompt or ""),))  # for screening, routing, limits
-            declared = policy.parse_data_class(request.headers.get(policy.DATA_CLASS_HEADER), self.config.policy)
-            screened = policy.screen(as_chat.messages, declared, self.config.policy)
-            headers["x-slm-data-class"] = screened.data_class
-            if screened.pii_types:
-                headers["x-slm-pii"] = ",".join(screened.pii_types)
-            self.keys.check_scope(caller, model=wire.model, strategy="route", data_class=screened.data_class)
-            auto = wire.model == AUTO
-            self.splits.ensure_started()
-            routed = await self._decide(wire.model, as_chat)
-            snap = self.splits.snapshot
-            key = traffic.request_key(wire.user, request.headers.get(traffic.SESSION_HEADER))
-            routed = apply_split(self.config, routed, snap.splits, snap.current, key)
-            decision = self._reachable(raw_prompt_decision(self.config, routed, auto=auto), auto, screened)
-            plan = self.keys.trim_plan(caller, strategy.Plan("route", (decision,)), decision)
-            ticket = await self.keys.admit(caller, as_chat, headers)
-
-            def call_request(d: RouteDecision) -> GenerationRequest:
-                req = gen
-                if policy.is_external(self.config, d.model, d.version) and screened.external_messages is not None:
-                    req = dataclasses.replace(gen, prompt=screened.external_messages[0].content)  # redacted under pii: redact
-                return with_id(req, d, logprobs=False)
-
-            out = await self.ensemble.run(plan, call_request, stream=wire.stream, started_at=started_at)
-            decision = out.winner.decision
-            headers.update(self._headers(decision))
-            meta = {"id": f"cmpl-{request_id}", "created": int(time.time()), "model": decision.served_name}
-            chunks = out.winner.replay()
-            if wire.stream:
-                include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-                first_chunk = await anext_or_close(chunks)  # a failure before any token keeps its status code
-                events = text_sse_events(first_chunk, chunks, meta, include_usage=include_usage, logprobs=gen.sampling.logprobs,
-                                         trailer=lambda: self._cost(out))
-                return StreamingResponse(self.keys.settled_stream(events, ticket, out), media_type="text/event-stream", headers=headers)
-            body = await collect_text_completion(chunks, meta, logprobs=gen.sampling.logprobs)
-            headers.update(self._cost(out))
-            await self.keys.settle(ticket, out)
-            return JSONResponse(body, headers=headers)
-        except asyncio.CancelledError:
-            self.keys.settle_soon(ticket)  # a request that did not finish is not billed
-            raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a typed error in one place
-            err = to_slm_error(exc)
-            log.info("gateway: completions %s -> %s %s", request_id, err.http_status, err.code)
-            self.keys.settle_soon(ticket)
-            return error_response(err, headers={**headers, **self._headers(decision), **retry_after_headers(err)})
+        return await handlers.text_completions(self, request)

@@ -135,6 +135,28 @@ def test_one_line_per_request_with_the_documented_fields_and_no_text(setup: dict
     print("\n" + slmctl("report", "--since", "all", "--path", str(path), timeout_s=120).out)  # the example in the docs
 
 
+def test_legacy_completions_get_their_line_too(setup: dict) -> None:
+    base, path = setup["base_url"], setup["path"]
+    before = len(list(audit.read_records(path)))
+    answered = []
+    for stream in (False, True):
+        raw = _client(base).completions.with_raw_response.create(model="general", prompt=f"Once upon a time {MARKER}", stream=stream,
+                                                                 max_tokens=TOKENS)
+        body = raw.parse()
+        if stream:
+            for _ in body:
+                pass
+        answered.append(dict(raw.headers))
+    lines = _lines(path, before + 2)[before:]
+    assert len(lines) == 2 and MARKER not in "".join(f.read_text() for f in audit.files_of(path))
+    for headers, rec in zip(answered, lines):
+        assert tuple(rec) == audit.FIELDS and rec["request_id"] == headers["x-request-id"]
+        assert (rec["status"], rec["strategy"], rec["requested_model"]) == (200, "route", "general")
+        assert rec["route"]["model"] == headers["x-slm-model"] == "general"
+        assert [c["outcome"] for c in rec["calls"]] == ["won"] and rec["calls"][0]["completion_tokens"] == TOKENS
+    assert [r["stream"] for r in lines] == [False, True]
+
+
 def test_a_failing_sink_does_not_fail_requests(setup: dict) -> None:
     base = setup["base_url"]
     for stream in (False, True, False):
