@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Callable
 
 from cluster import capabilities, traffic
 from cluster.config import ClusterConfig
@@ -108,12 +109,21 @@ def apply_split(
 CAPABILITY = "capability"
 
 
-def route_capable(cfg: ClusterConfig, decision: RouteDecision, needed: tuple[str, ...], *, auto: bool) -> RouteDecision:
+def route_capable(
+    cfg: ClusterConfig,
+    decision: RouteDecision,
+    needed: tuple[str, ...],
+    *,
+    auto: bool,
+    split: Callable[[RouteDecision], RouteDecision] | None = None,
+) -> RouteDecision:
     """A decision whose engine honours every optional parameter in ``needed``
     (``cluster.capabilities.requested``). An ``auto`` pick that cannot falls back to the
     general model, then the frontier (reason ``general:capability`` / ``frontier:capability``);
     a named model that cannot, or an auto request no model can serve, is the 400 naming the
-    first parameter the original pick lacks."""
+    first parameter the original pick lacks. ``split`` (``apply_split`` with the request's
+    traffic snapshot and key) picks the fallback's version as for any request to that
+    model; its current version serves when the split's pick cannot honour ``needed``."""
     if not needed or capabilities.capable(cfg, decision, needed):
         return decision
     if auto:
@@ -122,8 +132,9 @@ def route_capable(cfg: ClusterConfig, decision: RouteDecision, needed: tuple[str
             fallbacks.append((cfg.frontier, "frontier"))
         for model, role in fallbacks:
             candidate = replace(decision, model=model.name, version=model.current.name, reason=f"{role}:{CAPABILITY}")
-            if capabilities.capable(cfg, candidate, needed):
-                return candidate
+            for pick in ([split(candidate)] if split is not None else []) + [candidate]:
+                if capabilities.capable(cfg, pick, needed):
+                    return pick
     capabilities.check_decision(cfg, decision, needed)
     return decision  # unreachable: check_decision raised
 

@@ -17,7 +17,7 @@ from cluster.errors import InvalidRequestError
 from cluster.loader import config_from_dict
 from cluster.openai_schema import ChatCompletionRequest
 from cluster.policy import Screened
-from cluster.routing import route_capable
+from cluster.routing import apply_split, route_capable
 from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, RouteDecision, SamplingParams, TokenLogprob, ToolCall, Usage
 from deployments.engines import sglang, vllm
 from deployments.engines.fake import FakeEngine
@@ -137,6 +137,23 @@ def test_route_capable(cfg: Any, needed: tuple[str, ...], auto: bool, reason: st
     assert decision.reason == reason
     assert capabilities.capable(cfg, decision, needed)
     assert decision.domain == "code"  # the router's view rides along
+
+
+def test_a_capability_fallback_takes_the_fallback_models_traffic_split() -> None:
+    data = _cfg(general="fake").model_dump(mode="json")
+    general = next(m for m in data["models"] if m["name"] == "general")
+    general["versions"].append({**general["versions"][0], "name": "v2"})  # a fake too: it honours tools
+    general["versions"].append({**general["versions"][0], "name": "v3", "engine": {"kind": "hf", "model_path": "/x"}})
+    cfg = config_from_dict(data)
+
+    def split_to(version: str):  # type: ignore[no-untyped-def]
+        return lambda d: apply_split(cfg, d, {"general": {"v1": 0, version: 100}}, {}, "user-1")
+
+    picked = route_capable(cfg, ROUTED, ("tools",), auto=True, split=split_to("v2"))
+    assert (picked.model, picked.version, picked.reason) == ("general", "v2", "general:capability")
+    # the split's pick cannot honour tools (hf): the current version serves instead
+    picked = route_capable(cfg, ROUTED, ("tools",), auto=True, split=split_to("v3"))
+    assert (picked.model, picked.version) == ("general", "v1")
 
 
 @pytest.mark.parametrize(("cfg", "needed", "auto", "param"), [
