@@ -32,9 +32,8 @@ from cluster.types import GenerationChunk, GenerationRequest, RouteDecision
 from deployments.gateway.calls import Call, CallObserver
 from deployments.gateway.faults import breaker_guarded, retry_once
 
-__all__ = ["Call", "CallObserver", "Ensemble", "Opener", "Outcome", "with_id"]  # Call: also imported from here (figures.py)
 
-# Opens the chunk stream of one model call (the gateway's: ``timed_chunks`` over a handle).
+# Opens the chunk stream of one model call (the gateway's: ``timed_chunks`` over a handle or an in-gateway model).
 Opener = Callable[[RouteDecision, GenerationRequest], AsyncIterator[GenerationChunk]]
 
 

@@ -18,7 +18,7 @@ from cluster.errors import SLMError
 from cluster.figures import Window
 from cluster.protocols import TrafficStore
 from cluster.traffic_store import FiguresMaybeWritten
-from deployments.gateway.ensemble import Call
+from deployments.gateway.calls import Call
 
 log = logging.getLogger("ray.serve")
 
