@@ -29,16 +29,16 @@ FEATURES = (
     "n",
 )
 
-# vLLM and SGLang's in-process engines take penalties, logit_bias and structured output
-# in their sampling options; tool calling needs a model-specific parser of the answer
-# (their HTTP servers have one, their engines do not), and n > 1 / top_logprobs need the
+# vLLM and SGLang's in-process engines take penalties, logit_bias, structured output and
+# top_logprobs in their sampling options; tool calling needs a model-specific parser of
+# the answer (their HTTP servers have one, their engines do not), and n > 1 needs the
 # adapters to read several outputs per step, which they do not yet. hf streams one
 # sequence through its own batcher: stop strings only.
 ENGINE_PARAMS: dict[str, frozenset[str]] = {
     "remote_openai": frozenset(FEATURES),
     "fake": frozenset({"tools", "tool_choice", "response_format", "stop", "top_logprobs", "n"}),
-    "vllm": frozenset({"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "stop"}),
-    "sglang": frozenset({"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "stop"}),
+    "vllm": frozenset({"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "top_logprobs"}),
+    "sglang": frozenset({"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "top_logprobs"}),
     "hf": frozenset({"stop"}),
 }
 

@@ -162,8 +162,8 @@ def embedding_body(vectors: Sequence[Sequence[float]], prompt_tokens: int, encod
 # --- /v1/completions ---------------------------------------------------------------------
 
 # Engine kinds whose adapter takes a raw prompt (``EngineCapabilities.raw_prompt``; a unit
-# test holds the two equal). vllm and sglang could, but their adapters do not yet.
-RAW_PROMPT_KINDS = frozenset({"hf", "fake", "remote_openai"})
+# test holds the two equal).
+RAW_PROMPT_KINDS = frozenset({"hf", "fake", "remote_openai", "vllm", "sglang"})
 
 
 class CompletionRequest(BaseModel):

@@ -1,10 +1,10 @@
-"""Small helpers every adapter shares: system prompts, stop strings, usage accounting."""
+"""Small helpers every adapter shares: system prompts, message dicts, sampling penalties, stop strings."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from cluster.types import ChatMessage, GenerationRequest
+from cluster.types import ChatMessage, GenerationRequest, SamplingParams
 
 
 def with_system_prompt(request: GenerationRequest, system_prompt: str | None) -> tuple[ChatMessage, ...]:
@@ -29,6 +29,21 @@ def _message_dict(m: ChatMessage) -> dict[str, Any]:
         out["content"] = m.content or None
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def penalty_kwargs(sampling: SamplingParams, *, bias_keys_as_str: bool) -> dict[str, Any]:
+    """``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` as the engines take them
+    (the same names everywhere), each only when the request uses it, so the engine's own
+    default applies otherwise. ``logit_bias`` maps token ids to biases: int keys for vLLM's
+    ``SamplingParams``, string keys (``bias_keys_as_str``) for OpenAI's JSON and SGLang."""
+    out: dict[str, Any] = {}
+    if sampling.presence_penalty:
+        out["presence_penalty"] = sampling.presence_penalty
+    if sampling.frequency_penalty:
+        out["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.logit_bias:
+        out["logit_bias"] = {(str(token) if bias_keys_as_str else token): bias for token, bias in sampling.logit_bias}
     return out
 
 

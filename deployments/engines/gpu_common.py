@@ -1,6 +1,7 @@
 """What the in-process GPU engine adapters (vLLM, SGLang) share.
 
-- ``render_prompt_ids``: the chat template through the engine's own tokenizer.
+- ``request_prompt_ids``: a request's prompt token ids through the engine's own tokenizer:
+  the chat template for messages (``render_prompt_ids``), the text as is for a raw prompt.
 - ``drive_stream``: runs one engine stream; translates the library's failures into typed
   errors and aborts the request in the engine when the consumer leaves early.
 - ``ChunkAssembler``: turns per-step deltas into ``GenerationChunk``s (text in order, logprobs
@@ -24,8 +25,8 @@ from contextlib import contextmanager, suppress
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
 
 from cluster.errors import ContextLengthExceededError, EngineError, InvalidRequestError, SLMError
-from cluster.types import ChatMessage, FinishReason, GenerationChunk, TokenLogprob, Usage
-from deployments.engines.common import StopMatcher, messages_as_dicts
+from cluster.types import ChatMessage, FinishReason, GenerationChunk, GenerationRequest, TokenLogprob, Usage
+from deployments.engines.common import StopMatcher, messages_as_dicts, with_system_prompt
 
 log = logging.getLogger("ray.serve")
 
@@ -69,6 +70,29 @@ def render_prompt_ids(tokenizer: ChatTokenizer, messages: tuple[ChatMessage, ...
         if has_class_named(exc, "TemplateError"):
             raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
         raise EngineError(f"could not apply the model's chat template: {exc}") from exc
+
+
+def request_prompt_ids(tokenizer: ChatTokenizer, request: GenerationRequest, system_prompt: str | None) -> list[int]:
+    """The prompt token ids for ``request``.
+
+    A raw prompt (``request.prompt``, from /v1/completions) is the client's text as is: no
+    chat template, no system prompt, encoded WITH the tokenizer's special tokens (BOS), which
+    is how vLLM and SGLang encode a text prompt themselves (``tokenizer.encode(text)``). It is
+    encoded here rather than handed over as text so that tokenisation stays on the adapter's
+    tokenizer thread: both engines would otherwise encode it on the replica's event loop.
+    Chat messages get ``system_prompt`` (unless they bring one) and the chat template.
+    """
+    if request.prompt is None:
+        return render_prompt_ids(tokenizer, with_system_prompt(request, system_prompt))
+    try:
+        return list(tokenizer.encode(request.prompt, add_special_tokens=True))
+    except Exception as exc:
+        raise EngineError(f"could not tokenise the prompt: {exc}") from exc
+
+
+def prompt_param(request: GenerationRequest) -> str:
+    """The request field a prompt-related 400 names: ``prompt`` for a raw prompt."""
+    return "messages" if request.prompt is None else "prompt"
 
 
 # vLLM's OpenAI server bounds ``seed`` to torch.long (int64); a larger seed reaches
@@ -133,12 +157,12 @@ def signal_handlers_guarded() -> Iterator[list[int]]:
             signal.signal = original  # type: ignore[assignment]
 
 
-def invalid_request(message: str) -> InvalidRequestError:
-    """The 400 for an engine's validation message; ``ContextLengthExceededError`` when the
-    message says the prompt (plus max_tokens) does not fit the context."""
+def invalid_request(message: str, *, prompt_param: str = "messages") -> InvalidRequestError:
+    """The 400 for an engine's validation message; ``ContextLengthExceededError`` (naming
+    ``prompt_param``) when the message says the prompt (plus max_tokens) does not fit."""
     lowered = message.lower()
     if any(phrase in lowered for phrase in _CONTEXT_LENGTH_PHRASES):
-        return ContextLengthExceededError(message, param="messages")
+        return ContextLengthExceededError(message, param=prompt_param)
     return InvalidRequestError(message)
 
 

@@ -2,8 +2,11 @@
 
 Used for the frontier fallback (and for any model served elsewhere, e.g. a vLLM server).
 Every answer is a streamed ``POST {base_url}/chat/completions`` (a raw prompt from
-/v1/completions: ``POST {base_url}/completions``) with ``stream_options.include_usage``, so usage comes from the upstream and an early close of
-our iterator closes the HTTP response, which is how the upstream learns to stop (abort).
+/v1/completions: ``POST {base_url}/completions``) with ``stream_options.include_usage``, so
+usage comes from the upstream and an early close of our iterator closes the HTTP response,
+which is how the upstream learns to stop (abort). This module does the HTTP, the deadline and
+the transport errors; the bodies, the SSE stream and the status table's code are in
+``deployments/engines/openai_wire.py``.
 
 Error mapping (upstream -> ours, all raised):
 
@@ -24,8 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import math
 import os
 import time
 import uuid
@@ -33,29 +34,39 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, T
 
 import httpx
 
+from cluster.capabilities import engine_params, refuse_unsupported
 from cluster.config import RemoteOpenAIEngineConfig
 from cluster.errors import ConfigError, EngineError, EngineTimeoutError, EngineUnavailableError, SLMError
-from cluster.capabilities import engine_params, refuse_unsupported
-from cluster.types import (
-    ChatMessage,
-    EngineCapabilities,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingParams,
-    TokenLogprob,
-    ToolCall,
-    Usage,
+from cluster.types import ChatMessage, EngineCapabilities, GenerationChunk, GenerationRequest
+from deployments.engines.common import with_system_prompt
+
+# The wire format lives in openai_wire; its names are re-exported here, where callers and
+# tests have always found them.
+from deployments.engines.openai_wire import (
+    SSEDecoder,
+    StreamAnswer,
+    chat_payload,
+    completions_payload,
+    optional_params,
+    status_error,
 )
-from deployments.engines.common import messages_as_dicts, with_system_prompt
+
+__all__ = [
+    "RemoteOpenAIEngine",
+    "SSEDecoder",
+    "StreamAnswer",
+    "chat_payload",
+    "completions_payload",
+    "optional_params",
+    "status_error",
+]
+
+_Answer = StreamAnswer  # the name older tests import
 
 T = TypeVar("T")
 Clock = Callable[[], float]
 
-# Anything else (tool_calls, content_filter) ends the answer as "stop".
-_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 _DRAIN_AFTER_DONE_S = 1.0  # what [DONE] may be followed by: just the end of the chunked body
-_MESSAGE_LIMIT = 300  # upstream error text kept in our messages
 
 
 class RemoteOpenAIEngine:
@@ -132,11 +143,11 @@ class RemoteOpenAIEngine:
             response = await self._open(self._client, completions_payload(self.config.model, request), deadline, self._completions_url)
         else:
             messages = with_system_prompt(request, self.system_prompt)
-            response = await self._open(self._client, self._payload(request, messages), deadline)
+            response = await self._open(self._client, chat_payload(self.config.model, request, messages), deadline)
         try:
             lines = response.aiter_lines()
             events = SSEDecoder()
-            answer = _Answer(request.sampling.logprobs)
+            answer = StreamAnswer(request.sampling.logprobs)
             while not answer.done:
                 line = await _read(deadline, lambda: anext(lines, None), "reading the stream")
                 data = events.feed(line) if line is not None else events.flush()
@@ -161,21 +172,6 @@ class RemoteOpenAIEngine:
             raise ConfigError(f"remote_openai: env var {name} (named by api_key_env) is not set or empty", param="api_key_env")
         return {"Authorization": f"Bearer {key}"}
 
-    def _payload(self, request: GenerationRequest, messages: tuple[ChatMessage, ...]) -> dict[str, Any]:
-        sampling = request.sampling
-        body: dict[str, Any] = {"model": self.config.model, "messages": messages_as_dicts(messages),
-                                "stream": True, "stream_options": {"include_usage": True},
-                                "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
-        # Optional fields only when used: some compatible servers reject nulls they do not know.
-        if sampling.stop:
-            body["stop"] = list(sampling.stop)
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
-        if sampling.logprobs:
-            body["logprobs"] = True
-        body.update(optional_params(sampling))
-        return body
-
     async def _open(self, client: httpx.AsyncClient, body: dict[str, Any], deadline: _Deadline, url: str | None = None) -> httpx.Response:
         """Sends the request and returns the streaming response once its status is 2xx;
         an error status is read, closed and raised as a typed error."""
@@ -192,196 +188,7 @@ class RemoteOpenAIEngine:
         raise status_error(response.status_code, raw)
 
 
-# --- the stream --------------------------------------------------------------------------
-
-
-class SSEDecoder:
-    """Server-sent events, line by line (the parts of the WHATWG rules chat APIs use).
-
-    ``data:`` lines gather until a blank line ends the event, joined by newlines; comments
-    (``:`` lines, used as keep-alives) and the other fields (``event:``, ``id:``, ``retry:``)
-    are skipped; one space after the colon is dropped.
-    """
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> str | None:
-        """The event's data when ``line`` ends an event, else None."""
-        if not line:
-            return self.flush()
-        if line.startswith(":"):
-            return None
-        field, _, value = line.partition(":")
-        if field == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        return None
-
-    def flush(self) -> str | None:
-        """Data of an event the stream ended without a blank line after (lenient)."""
-        if not self._data:
-            return None
-        data, self._data = "\n".join(self._data), []
-        return data
-
-
-class _Answer:
-    """Folds the stream's events into chunks and remembers the finish reason and usage."""
-
-    def __init__(self, want_logprobs: bool) -> None:
-        self.want_logprobs = want_logprobs
-        self.done = False  # [DONE] seen
-        self.finish: FinishReason | None = None
-        self.finishes: dict[int, FinishReason] = {}  # by choice index (n > 1)
-        self.usage: Usage | None = None
-        self.deltas = 0
-
-    def feed(self, data: str) -> list[GenerationChunk]:
-        """The chunks in one event's data (one per choice with text or tool calls); raises ``EngineError`` for an error
-        event or one it cannot read (upstream garbage is not our bug, so never a 500)."""
-        if data.strip() == "[DONE]":
-            self.done = True
-            return []
-        event = _json_object(data)
-        if event.get("error") or event.get("object") == "error":  # OpenAI's shape, and older vLLM's
-            raise EngineError(f"upstream error mid-stream: {_error_text(event)}", code="upstream_stream_error")
-        try:
-            return self._read_event(event)
-        except (AttributeError, KeyError, TypeError, ValueError) as err:
-            raise EngineError(f"upstream sent an unreadable event: {data[:_MESSAGE_LIMIT]!r}", code="upstream_bad_stream") from err
-
-    def _read_event(self, event: dict[str, Any]) -> list[GenerationChunk]:
-        if event.get("usage"):
-            self.usage = _usage(event["usage"])
-        chunks = []
-        for choice in event.get("choices") or ():
-            index = int(choice.get("index", 0))
-            if choice.get("finish_reason"):
-                self.finishes[index] = _FINISH.get(choice["finish_reason"], "stop")
-                if index == 0:
-                    self.finish = self.finishes[0]
-            delta = choice.get("delta") or {}
-            # chat streams put text in delta.content; legacy completion streams in choice.text
-            text = delta.get("content") or choice.get("text") or ""
-            calls = tuple(_tool_call(raw) for raw in delta.get("tool_calls") or ())
-            logprobs = _logprobs(choice) if self.want_logprobs else ()
-            if text or logprobs or calls:
-                self.deltas += 1
-                chunks.append(GenerationChunk(text=text, logprobs=logprobs, index=index, tool_calls=calls))
-        return chunks
-
-    def final(self, prompt_chars: int) -> GenerationChunk:
-        """The last chunk. Without upstream usage the counts are estimates: prompt characters
-        / 4 (the usual English ratio) and one token per streamed delta (servers stream about
-        one token per event), which is what billing and metrics can get."""
-        if self.finish is None:
-            raise EngineError("upstream stream ended early (no finish_reason)", code="upstream_stream_truncated")
-        usage = self.usage or Usage(prompt_tokens=max(1, math.ceil(prompt_chars / 4)), completion_tokens=self.deltas)
-        reasons = tuple(self.finishes.get(i, "stop") for i in range(max(self.finishes) + 1)) if len(self.finishes) > 1 else ()
-        return GenerationChunk(finish_reason=self.finish, usage=usage, finish_reasons=reasons)
-
-
-def _json_object(data: str) -> dict[str, Any]:
-    try:
-        event = json.loads(data)
-    except ValueError as err:
-        raise EngineError(f"upstream sent malformed stream data: {data[:_MESSAGE_LIMIT]!r}", code="upstream_bad_stream") from err
-    if not isinstance(event, dict):
-        raise EngineError(f"upstream sent a non-object stream event: {data[:_MESSAGE_LIMIT]!r}", code="upstream_bad_stream")
-    return event
-
-
-def _usage(raw: Mapping[str, Any]) -> Usage:
-    return Usage(prompt_tokens=int(raw.get("prompt_tokens") or 0), completion_tokens=int(raw.get("completion_tokens") or 0))
-
-
-def completions_payload(model: str, request: GenerationRequest) -> dict[str, Any]:
-    """The upstream ``/completions`` body for a raw prompt (``logprobs: 0``: the chosen
-    tokens' logprobs, the legacy API's way of asking for them)."""
-    sampling = request.sampling
-    body: dict[str, Any] = {"model": model, "prompt": request.prompt, "stream": True, "stream_options": {"include_usage": True},
-                            "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
-    if sampling.stop:
-        body["stop"] = list(sampling.stop)
-    if sampling.seed is not None:
-        body["seed"] = sampling.seed
-    if sampling.logprobs:
-        body["logprobs"] = 0
-    return body
-
-
-def _logprobs(choice: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
-    legacy = choice.get("logprobs") or {}
-    if "tokens" in legacy:  # the completions API's shape: parallel lists
-        return tuple(TokenLogprob(token=str(t), logprob=float(lp)) for t, lp in zip(legacy["tokens"], legacy["token_logprobs"]))
-    content = (choice.get("logprobs") or {}).get("content") or ()
-    return tuple(
-        TokenLogprob(token=str(item["token"]), logprob=float(item["logprob"]),
-                     top=tuple((str(t["token"]), float(t["logprob"])) for t in item.get("top_logprobs") or ()))
-        for item in content
-    )
-
-
-def _tool_call(raw: Mapping[str, Any]) -> ToolCall:
-    """One piece of a streamed tool call, as OpenAI sends it (id and name on the first)."""
-    function = raw.get("function") or {}
-    return ToolCall(index=int(raw.get("index", 0)), id=raw.get("id"), name=function.get("name"), arguments=function.get("arguments") or "")
-
-
-def optional_params(sampling: SamplingParams) -> dict[str, Any]:
-    """The optional OpenAI parameters a request uses, as the upstream takes them: passed
-    through unchanged (cluster/capabilities.py lists them all for this engine)."""
-    body: dict[str, Any] = {}
-    if sampling.n > 1:
-        body["n"] = sampling.n
-    if sampling.top_logprobs:
-        body["top_logprobs"] = sampling.top_logprobs
-    if sampling.presence_penalty:
-        body["presence_penalty"] = sampling.presence_penalty
-    if sampling.frequency_penalty:
-        body["frequency_penalty"] = sampling.frequency_penalty
-    if sampling.logit_bias:
-        body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
-    if sampling.tools:
-        body["tools"] = list(sampling.tools)
-    if sampling.tool_choice is not None:
-        body["tool_choice"] = sampling.tool_choice
-    if sampling.response_format is not None:
-        body["response_format"] = sampling.response_format
-    return body
-
-
-# --- errors and time ---------------------------------------------------------------------
-
-
-def status_error(status: int, body: bytes) -> SLMError:
-    """The typed error for an upstream HTTP error status (see the module's table)."""
-    detail = _error_text(_lenient_json(body)) or body.decode(errors="replace")[:_MESSAGE_LIMIT] or "no details"
-    if status in (401, 403):
-        # The upstream's text is left out: OpenAI echoes part of the key it rejected.
-        return EngineError(f"upstream rejected our credentials (HTTP {status}); check api_key_env", code="upstream_auth_failed")
-    if status == 429:
-        return EngineUnavailableError(f"upstream rate-limited this cluster (HTTP 429): {detail}", code="upstream_rate_limited")
-    if status in (408, 504):
-        return EngineTimeoutError(f"upstream timed out (HTTP {status}): {detail}", code="upstream_timeout")
-    if status == 503:
-        return EngineUnavailableError(f"upstream unavailable (HTTP 503): {detail}", code="upstream_unavailable")
-    if status >= 500:
-        return EngineError(f"upstream failed (HTTP {status}): {detail}", code="upstream_server_error")
-    return EngineError(f"upstream refused the request (HTTP {status}): {detail}", code="upstream_rejected_request")
-
-
-def _lenient_json(body: bytes) -> dict[str, Any]:
-    with contextlib.suppress(ValueError):
-        parsed = json.loads(body)
-        return parsed if isinstance(parsed, dict) else {}
-    return {}
-
-
-def _error_text(payload: Mapping[str, Any]) -> str:
-    error = payload.get("error", payload)
-    message = error.get("message") if isinstance(error, dict) else error
-    return str(message)[:_MESSAGE_LIMIT] if message else ""
+# --- time and transport ------------------------------------------------------------------
 
 
 class _Deadline:

@@ -2,10 +2,10 @@
 
 SGLang is imported only in ``load_sglang_engine`` (called by ``start()``), so this module imports
 on machines without SGLang or a GPU. The mapping is pure functions over SGLang's plain-dict
-outputs, and the engine object is injectable (``engine_factory=``, called with the
-``ServerArgs`` keyword arguments as ``sglang.Engine`` is), so the tests run on
-``tests/fakes/sglang_engine.py``. Importing SGLang's engine module sets uvloop as the process's
-event loop policy (its own side effect, at ``start()`` time).
+outputs (``deployments/engines/sglang_mapping.py``), and the engine object is injectable
+(``engine_factory=``, called with the ``ServerArgs`` keyword arguments as ``sglang.Engine``
+is), so the tests run on ``tests/fakes/sglang_engine.py``. Importing SGLang's engine module
+sets uvloop as the process's event loop policy (its own side effect, at ``start()`` time).
 
 API facts relied on (SGLang >= 0.5, checked against current main):
 - ``sglang.Engine(**ServerArgs fields)`` (``model_path``, ``tp_size``, ``mem_fraction_static``,
@@ -23,10 +23,18 @@ API facts relied on (SGLang >= 0.5, checked against current main):
   step), which is still handled. ``meta_info`` has ``prompt_tokens``, ``completion_tokens``,
   ``finish_reason`` (``None`` until the end, then ``{"type": "stop", "matched": ...}``,
   ``{"type": "length", ...}`` or ``{"type": "abort", "message", "status_code"}``) and, with
-  ``return_logprob``, ``output_token_logprobs``: ``(logprob, token_id, token_text_or_None)``;
+  ``return_logprob``, ``output_token_logprobs``: ``(logprob, token_id, token_text_or_None)``,
+  and with ``top_logprobs_num=k`` also ``output_top_logprobs``: per position, a list of k such
+  triples, most likely first (incremental like the text under ``incremental_streaming_output``);
   ``async_generate`` has no ``return_text_in_logprobs``, so token texts are decoded here.
   ``stream=False`` returns the final dict instead.
-- Sampling keys: ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``sampling_seed``.
+- Sampling keys: ``max_new_tokens``, ``temperature``, ``top_p``, ``stop``, ``sampling_seed``,
+  ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (``{"token id": bias}``),
+  ``json_schema`` (a JSON string).
+- Raw prompts (/v1/completions): ``async_generate`` takes ``prompt=`` text and encodes it
+  with ``tokenizer.encode(text)`` (special tokens included) in the tokenizer manager, on the
+  replica's event loop; we encode it the same way on our tokenizer thread and pass
+  ``input_ids``, so chat and raw prompts take one path.
 - Abort: ``engine.tokenizer_manager.abort_request(rid=...)`` (synchronous). The scheduler aborts
   every request whose rid STARTS WITH the given rid, so our rids are fixed-length uuids that
   cannot prefix one another. It is a no-op once the request's state is gone, and closing
@@ -47,34 +55,46 @@ API facts relied on (SGLang >= 0.5, checked against current main):
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import logging
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from cluster.capabilities import engine_params, refuse_unsupported
 from cluster.config import SGLangEngineConfig
-from cluster.errors import EngineError, EngineUnavailableError, RateLimitedError, SLMError
-from cluster.types import (
-    EngineCapabilities,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingParams,
-    TokenLogprob,
-    Usage,
-)
-from deployments.engines.common import with_system_prompt
+from cluster.errors import EngineError, EngineUnavailableError, SLMError
+from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest
 from deployments.engines.gpu_common import (
     ChatTokenizer,
-    ChunkAssembler,
     TokenizerThread,
-    check_seed,
     drive_stream,
-    invalid_request,
-    render_prompt_ids,
+    prompt_param,
+    request_prompt_ids,
     signal_handlers_guarded,
 )
+
+# The pure mapping lives in sglang_mapping; its public names are re-exported here, where
+# callers and tests have always found them.
+from deployments.engines.sglang_mapping import (
+    OutputMapper,
+    engine_kwargs,
+    finish_reason,
+    is_final,
+    sampling_params,
+    streams_cumulative_text,
+    translate_error,
+)
+
+__all__ = [
+    "SGLangEngine",
+    "engine_kwargs",
+    "finish_reason",
+    "is_final",
+    "load_sglang_engine",
+    "sampling_params",
+    "streams_cumulative_text",
+    "translate_error",
+]
 
 _INSTALL_HINT = "pip install 'slm-cluster[sglang]'"
 log = logging.getLogger("ray.serve")
@@ -94,159 +114,6 @@ class SGLangEngineLike(Protocol):
     def async_generate(self, **kwargs: Any) -> Awaitable[Any]: ...
 
     def shutdown(self) -> None: ...
-
-
-# --- pure mapping ----------------------------------------------------------------------
-
-
-def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
-    """``sglang.Engine`` keyword arguments (``ServerArgs`` fields); ``extra_engine_args`` win.
-
-    ``incremental_streaming_output`` is on unless ``extra_engine_args`` turns it off: SGLang's
-    cumulative default copies the whole answer into every streamed output."""
-    kwargs: dict[str, Any] = {
-        "model_path": config.model_path,
-        "tp_size": config.tp_size,
-        "mem_fraction_static": config.mem_fraction_static,
-        "dtype": config.dtype,
-        "incremental_streaming_output": True,
-    }
-    if config.context_length is not None:
-        kwargs["context_length"] = config.context_length
-    if config.max_running_requests is not None:
-        kwargs["max_running_requests"] = config.max_running_requests
-    if config.quantization is not None:
-        kwargs["quantization"] = config.quantization
-    if config.disable_cuda_graph:
-        kwargs["disable_cuda_graph"] = True
-    return {**kwargs, **config.extra_engine_args}
-
-
-def streams_cumulative_text(config: SGLangEngineConfig) -> bool:
-    """Whether the engine's stream repeats the whole answer in each output."""
-    return not bool(engine_kwargs(config).get("incremental_streaming_output", False))
-
-
-def sampling_params(sampling: SamplingParams) -> dict[str, Any]:
-    """SGLang's ``sampling_params`` dict. Unset options are left out (older SGLang rejects
-    keys it does not know, ``sampling_seed`` among them). A seed outside int64 is a 400."""
-    check_seed(sampling.seed)
-    params: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
-    if sampling.stop:
-        params["stop"] = list(sampling.stop)
-    if sampling.seed is not None:
-        params["sampling_seed"] = sampling.seed
-    if sampling.presence_penalty:
-        params["presence_penalty"] = sampling.presence_penalty
-    if sampling.frequency_penalty:
-        params["frequency_penalty"] = sampling.frequency_penalty
-    if sampling.logit_bias:
-        params["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
-    fmt = sampling.response_format
-    if fmt is not None and fmt["type"] != "text":
-        # SGLang constrains decoding to a JSON schema given as a string; json_object is any object
-        schema = fmt["json_schema"].get("schema") if fmt["type"] == "json_schema" else None
-        params["json_schema"] = json.dumps(schema or {"type": "object"})
-    return params
-
-
-def _error_for_status(status: int, message: str) -> SLMError:
-    if status == 429:
-        return RateLimitedError(message)
-    if 400 <= status < 500:
-        return invalid_request(message)
-    return EngineUnavailableError(message) if status == 503 else EngineError(message)
-
-
-def finish_reason(reason: Any) -> FinishReason:
-    """Our finish reason for SGLang's ``meta_info["finish_reason"]``.
-
-    An abort with an HTTP ``status_code`` is the scheduler rejecting or failing the request
-    and is raised as the matching typed error; a bare abort (the engine dropped the request:
-    another client's prefix abort, a pause, a shutdown) is raised as ``EngineUnavailableError``
-    (503, retryable), never reported as a finished answer.
-    """
-    kind = reason.get("type") if isinstance(reason, Mapping) else reason
-    if kind in ("stop", "length"):
-        return kind  # type: ignore[return-value]
-    if kind == "abort":
-        status = reason.get("status_code") if isinstance(reason, Mapping) else None
-        message = str((reason.get("message") if isinstance(reason, Mapping) else None) or "SGLang aborted the request")
-        if status is None:
-            raise EngineUnavailableError(f"SGLang aborted the request: {message}")
-        raise _error_for_status(int(status), message)
-    raise EngineError(f"SGLang ended the request with finish_reason={reason!r}")
-
-
-def translate_error(exc: Exception) -> SLMError:
-    """The typed error for an exception raised by ``async_generate`` or its stream."""
-    if isinstance(exc, SLMError):
-        return exc
-    status = getattr(exc, "status_code", None)  # fastapi.HTTPException from the tokenizer manager
-    if isinstance(status, int):
-        return _error_for_status(status, str(getattr(exc, "detail", exc)))
-    # SGLang's convention (its HTTP server answers these with 400): request validation
-    # failures are ValueErrors raised before the request reaches the scheduler.
-    if type(exc) is ValueError:
-        return invalid_request(str(exc))
-    return EngineError(f"SGLang generation failed: {type(exc).__name__}: {exc}")
-
-
-def is_final(output: Mapping[str, Any]) -> bool:
-    return (output.get("meta_info") or {}).get("finish_reason") is not None
-
-
-class _OutputMapper:
-    """Maps one request's output dicts to chunks, turning cumulative text into deltas."""
-
-    def __init__(
-        self,
-        *,
-        want_logprobs: bool,
-        cumulative: bool,
-        stops: Sequence[str],
-        decode: Callable[[int], str],
-        prompt_tokens: int,
-    ) -> None:
-        self._want_logprobs = want_logprobs
-        self._cumulative = cumulative
-        self._decode = decode
-        self._prompt_tokens = prompt_tokens
-        self._text_seen = 0
-        self._logprobs_seen = 0
-        self._assembler = ChunkAssembler(stops)
-
-    def feed(self, output: Mapping[str, Any]) -> list[GenerationChunk]:
-        meta = output.get("meta_info") or {}
-        chunk = self._assembler.delta(self._new_text(output.get("text") or ""), self._new_logprobs(meta))
-        chunks = [chunk] if chunk is not None else []
-        reason = meta.get("finish_reason")
-        if reason is not None:
-            usage = Usage(
-                prompt_tokens=int(meta.get("prompt_tokens", self._prompt_tokens)),
-                completion_tokens=int(meta.get("completion_tokens", 0)),
-            )
-            matched = reason.get("matched") if isinstance(reason, Mapping) else None
-            chunks += self._assembler.final(finish_reason(reason), usage, matched_stop=matched if isinstance(matched, str) else None)
-        return chunks
-
-    def _new_text(self, text: str) -> str:
-        if not self._cumulative:
-            return text
-        delta = text[self._text_seen :]
-        self._text_seen = max(self._text_seen, len(text))
-        return delta
-
-    def _new_logprobs(self, meta: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
-        if not self._want_logprobs:
-            return ()
-        entries = list(meta.get("output_token_logprobs") or ())
-        if self._cumulative:
-            entries, self._logprobs_seen = entries[self._logprobs_seen :], max(self._logprobs_seen, len(entries))
-        return tuple(
-            TokenLogprob(token=text if text is not None else self._decode(int(token_id)), logprob=float(logprob))
-            for logprob, token_id, text in entries
-        )
 
 
 # --- the adapter -----------------------------------------------------------------------
@@ -277,7 +144,7 @@ class SGLangEngine:
     ``start()``; the default starts real SGLang, tests pass ``tests/fakes/sglang_engine.py``.
     """
 
-    capabilities = EngineCapabilities(streaming=True, logprobs=True, params=engine_params("sglang"))
+    capabilities = EngineCapabilities(streaming=True, logprobs=True, raw_prompt=True, params=engine_params("sglang"))
 
     def __init__(
         self,
@@ -316,36 +183,45 @@ class SGLangEngine:
         self._engine = engine
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Text chunks in order, then one final chunk with finish reason and usage. Closing
-        or cancelling the iterator aborts the request in SGLang."""
+        """Text chunks in order, then one final chunk with finish reason and usage. A raw
+        prompt (``request.prompt``) is sent as is, without the chat template or the system
+        prompt. Closing or cancelling the iterator aborts the request in SGLang."""
         engine = self._require_started()
         refuse_unsupported(self.capabilities, request, "sglang")
-        params = sampling_params(request.sampling)  # a bad seed is a 400 before any work
+        sampling = request.sampling
+        params = sampling_params(sampling)  # a bad seed is a 400 before any work
+        top = sampling.top_logprobs if sampling.logprobs else 0
         tokenizer: ChatTokenizer = engine.tokenizer_manager.tokenizer
         assert self._tokenizer_thread is not None
-        prompt_ids = await self._tokenizer_thread.run(render_prompt_ids, tokenizer, with_system_prompt(request, self.system_prompt))
+        # A raw prompt (/v1/completions) is the client's text as is: no template, no system prompt.
+        prompt_ids = await self._tokenizer_thread.run(request_prompt_ids, tokenizer, request, self.system_prompt)
         rid = uuid.uuid4().hex  # ours, fixed length: SGLang aborts by prefix, so no id may prefix another
-        mapper = _OutputMapper(
-            want_logprobs=request.sampling.logprobs,
+        mapper = OutputMapper(
+            want_logprobs=sampling.logprobs,
             cumulative=self._cumulative,
-            stops=request.sampling.stop,
+            stops=sampling.stop,
             decode=lambda token_id: tokenizer.decode([token_id]),
             prompt_tokens=len(prompt_ids),
+            prompt_param=prompt_param(request),
+            top_logprobs=top,
         )
+        extra = {"top_logprobs_num": top} if top else {}  # only when asked: the call is unchanged otherwise
 
         def open_stream() -> Awaitable[AsyncIterator[dict[str, Any]]]:
             return engine.async_generate(
                 input_ids=prompt_ids,
                 sampling_params=params,
-                return_logprob=request.sampling.logprobs,
+                return_logprob=sampling.logprobs,
                 stream=True,
                 rid=rid,
+                **extra,
             )
 
         async def abort() -> None:
             engine.tokenizer_manager.abort_request(rid=rid)
 
-        outputs = drive_stream(open_stream, is_final=is_final, abort=abort, translate=translate_error)
+        translate = functools.partial(translate_error, prompt_param=prompt_param(request))
+        outputs = drive_stream(open_stream, is_final=is_final, abort=abort, translate=translate)
         try:
             async for output in outputs:
                 for chunk in mapper.feed(output):

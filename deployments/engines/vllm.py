@@ -12,7 +12,10 @@ API facts relied on (vLLM >= 0.10, checked against current main):
   ``vllm.outputs.RequestOutput`` (``.prompt_token_ids``, ``.finished``, ``.outputs[0]``: a
   ``CompletionOutput`` with ``.text``, ``.token_ids``, ``.logprobs`` and ``.finish_reason`` in
   "stop" | "length" | "abort" | "error" | "repetition"). ``prompt`` may be a ``TokensPrompt``
-  dict ``{"prompt_token_ids": [...]}``. "abort" reaches us only when the engine itself dropped
+  dict ``{"prompt_token_ids": [...]}``; a text prompt would be encoded with
+  ``tokenizer.encode(text)`` (special tokens included) on the caller's event loop, so raw
+  prompts (/v1/completions) are encoded that same way on our tokenizer thread and sent as
+  token ids too. "abort" reaches us only when the engine itself dropped
   the request (our own aborts close the stream first); it is raised as
   ``EngineUnavailableError`` (503, retryable), never sent as a cut answer with a 200.
 - ``SamplingParams.seed`` seeds a ``torch.Generator``; vLLM's OpenAI server bounds it to int64,
@@ -26,7 +29,10 @@ API facts relied on (vLLM >= 0.10, checked against current main):
   carries only the new text, token ids and logprobs. Chosen over CUMULATIVE: no quadratic
   copying, and vLLM still holds back text that may begin a stop string, so no delta ever
   carries part of one. ``logprobs=0`` returns the sampled token's logprob only; each position
-  is ``{token_id: Logprob(logprob, rank, decoded_token)}``.
+  is ``{token_id: Logprob(logprob, rank, decoded_token)}``. ``logprobs=k`` (``top_logprobs``)
+  adds the k most likely tokens, ranks 1..k, after the sampled token (first, with its own
+  rank, once if it is among them); k above the model's ``max_logprobs`` (20 by default) is a
+  ``VLLMValidationError`` from ``generate``.
 - ``AsyncLLM.abort(request_id)`` takes the caller's id (since 0.16 vLLM suffixes ids internally
   and ``abort(..., internal=False)`` maps them back). ``generate`` also aborts by itself on
   ``GeneratorExit``/``CancelledError``; we still abort explicitly, which is idempotent.
@@ -42,11 +48,12 @@ API facts relied on (vLLM >= 0.10, checked against current main):
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import uuid
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
 
 from cluster.capabilities import engine_params, refuse_unsupported
 from cluster.config import VLLMEngineConfig
@@ -60,7 +67,7 @@ from cluster.types import (
     TokenLogprob,
     Usage,
 )
-from deployments.engines.common import with_system_prompt
+from deployments.engines.common import penalty_kwargs
 from deployments.engines.gpu_common import (
     ChatTokenizer,
     ChunkAssembler,
@@ -69,7 +76,8 @@ from deployments.engines.gpu_common import (
     drive_stream,
     has_class_named,
     invalid_request,
-    render_prompt_ids,
+    prompt_param,
+    request_prompt_ids,
 )
 
 _INSTALL_HINT = "pip install 'slm-cluster[vllm]'"
@@ -138,13 +146,9 @@ def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
     if sampling.seed is not None:
         kwargs["seed"] = sampling.seed
     if sampling.logprobs:
-        kwargs["logprobs"] = 0  # the sampled token's logprob, no alternatives
-    if sampling.presence_penalty:
-        kwargs["presence_penalty"] = sampling.presence_penalty
-    if sampling.frequency_penalty:
-        kwargs["frequency_penalty"] = sampling.frequency_penalty
-    if sampling.logit_bias:
-        kwargs["logit_bias"] = dict(sampling.logit_bias)
+        # 0: the sampled token's logprob alone; k: also the k most likely tokens per position
+        kwargs["logprobs"] = sampling.top_logprobs
+    kwargs.update(penalty_kwargs(sampling, bias_keys_as_str=False))  # vLLM's logit_bias takes int token ids
     structured = structured_outputs(sampling.response_format)
     if structured is not None:
         kwargs["structured_outputs"] = structured  # the loader wraps it in StructuredOutputsParams
@@ -162,8 +166,9 @@ def structured_outputs(response_format: dict[str, Any] | None) -> dict[str, Any]
     return {"json": response_format["json_schema"].get("schema") or {"type": "object"}}
 
 
-def token_logprobs(token_ids: Sequence[int], logprobs: Sequence[Any] | None) -> tuple[TokenLogprob, ...]:
-    """One ``TokenLogprob`` per sampled token, from vLLM's per-position ``{id: Logprob}``."""
+def token_logprobs(token_ids: Sequence[int], logprobs: Sequence[Any] | None, top: int = 0) -> tuple[TokenLogprob, ...]:
+    """One ``TokenLogprob`` per sampled token, from vLLM's per-position ``{id: Logprob}``,
+    with the ``top`` most likely tokens of the position (most likely first) as ``top``."""
     if not logprobs:
         return ()
     out = []
@@ -172,8 +177,17 @@ def token_logprobs(token_ids: Sequence[int], logprobs: Sequence[Any] | None) -> 
         # against a library change (and an empty dict yields no logprob rather than a crash).
         entry = position.get(token_id) or next(iter(position.values()), None)
         if entry is not None:
-            out.append(TokenLogprob(token=entry.decoded_token or "", logprob=float(entry.logprob)))
+            alternatives = _top_alternatives(position, top) if top else ()
+            out.append(TokenLogprob(token=entry.decoded_token or "", logprob=float(entry.logprob), top=alternatives))
     return tuple(out)
+
+
+def _top_alternatives(position: Mapping[int, Any], top: int) -> tuple[tuple[str, float], ...]:
+    """The ``top`` most likely tokens of one position. vLLM's dict holds the sampled token
+    (first, with its vocabulary rank, which may be above ``top``) and the top-k by rank;
+    ordering by logprob leaves out a sampled token that is not among the k, as OpenAI does."""
+    best = sorted(position.values(), key=lambda e: float(e.logprob), reverse=True)[:top]
+    return tuple((e.decoded_token or "", float(e.logprob)) for e in best)
 
 
 def finish_reason(reason: str | None) -> FinishReason:
@@ -187,8 +201,9 @@ def finish_reason(reason: str | None) -> FinishReason:
     return mapped  # type: ignore[return-value]
 
 
-def translate_error(exc: Exception) -> SLMError:
-    """The typed error for an exception raised by ``AsyncLLM.generate``."""
+def translate_error(exc: Exception, *, prompt_param: str = "messages") -> SLMError:
+    """The typed error for an exception raised by ``AsyncLLM.generate``; a context-length
+    400 names ``prompt_param`` (``prompt`` for a raw prompt)."""
     if isinstance(exc, SLMError):
         return exc
     if has_class_named(exc, "EngineDeadError", "AsyncEngineDeadError"):
@@ -196,15 +211,16 @@ def translate_error(exc: Exception) -> SLMError:
     # vLLM's own convention: validation failures are ValueErrors (VLLMValidationError); they
     # come straight from generate(), while its internal failures arrive as EngineGenerateError.
     if has_class_named(exc, "VLLMClientError", "VLLMValidationError") or type(exc) is ValueError:
-        return invalid_request(str(exc))
+        return invalid_request(str(exc), prompt_param=prompt_param)
     return EngineError(f"vLLM generation failed: {type(exc).__name__}: {exc}")
 
 
 class _OutputMapper:
     """Maps one request's DELTA ``RequestOutput``s to chunks and keeps its usage."""
 
-    def __init__(self, *, want_logprobs: bool, prompt_tokens: int) -> None:
+    def __init__(self, *, want_logprobs: bool, prompt_tokens: int, top_logprobs: int = 0) -> None:
         self._want_logprobs = want_logprobs
+        self._top = top_logprobs
         self._prompt_tokens = prompt_tokens
         self._completion_tokens = 0
         self._assembler = ChunkAssembler()  # vLLM enforces stop strings itself
@@ -215,7 +231,7 @@ class _OutputMapper:
         self._completion_tokens += len(token_ids)
         if output.prompt_token_ids is not None:
             self._prompt_tokens = len(output.prompt_token_ids)
-        logprobs = token_logprobs(token_ids, completion.logprobs) if self._want_logprobs else ()
+        logprobs = token_logprobs(token_ids, completion.logprobs, self._top) if self._want_logprobs else ()
         chunk = self._assembler.delta(completion.text, logprobs)
         chunks = [chunk] if chunk is not None else []
         if is_final(output):
@@ -258,7 +274,7 @@ class VLLMEngine:
     starts real vLLM, tests pass ``tests/fakes/vllm_engine.fake_vllm_backend``.
     """
 
-    capabilities = EngineCapabilities(streaming=True, logprobs=True, params=engine_params("vllm"))
+    capabilities = EngineCapabilities(streaming=True, logprobs=True, raw_prompt=True, params=engine_params("vllm"))
 
     def __init__(
         self,
@@ -297,18 +313,22 @@ class VLLMEngine:
         self._backend, self._tokenizer = backend, tokenizer
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Text chunks in order, then one final chunk with finish reason and usage. Closing
-        or cancelling the iterator aborts the request in vLLM."""
+        """Text chunks in order, then one final chunk with finish reason and usage. A raw
+        prompt (``request.prompt``) is sent as is, without the chat template or the system
+        prompt. Closing or cancelling the iterator aborts the request in vLLM."""
         backend, tokenizer = self._require_started()
         refuse_unsupported(self.capabilities, request, "vllm")
+        translate = functools.partial(translate_error, prompt_param=prompt_param(request))
         try:  # vLLM validates sampling options when the object is built
             params = backend.make_sampling_params(sampling_kwargs(request.sampling))
         except Exception as exc:
-            raise translate_error(exc) from exc
+            raise translate(exc) from exc
         assert self._tokenizer_thread is not None
-        prompt_ids = await self._tokenizer_thread.run(render_prompt_ids, tokenizer, with_system_prompt(request, self.system_prompt))
+        # A raw prompt (/v1/completions) is the client's text as is: no template, no system prompt.
+        prompt_ids = await self._tokenizer_thread.run(request_prompt_ids, tokenizer, request, self.system_prompt)
         engine_id = uuid.uuid4().hex  # ours and unique per attempt, never the client's id
-        mapper = _OutputMapper(want_logprobs=request.sampling.logprobs, prompt_tokens=len(prompt_ids))
+        sampling = request.sampling
+        mapper = _OutputMapper(want_logprobs=sampling.logprobs, prompt_tokens=len(prompt_ids), top_logprobs=sampling.top_logprobs)
 
         async def open_stream() -> AsyncIterator[Any]:
             return backend.llm.generate({"prompt_token_ids": prompt_ids}, params, engine_id)
@@ -316,7 +336,7 @@ class VLLMEngine:
         async def abort() -> None:
             await backend.llm.abort(engine_id)
 
-        outputs = drive_stream(open_stream, is_final=is_final, abort=abort, translate=translate_error)
+        outputs = drive_stream(open_stream, is_final=is_final, abort=abort, translate=translate)
         try:
             async for output in outputs:
                 for chunk in mapper.feed(output):

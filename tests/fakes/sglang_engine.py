@@ -7,10 +7,13 @@ What it models, from SGLang's source (``srt/entrypoints/engine.py``,
   ``ServerArgs`` does not have (``TypeError``, as the dataclass does). Like SGLang releases
   before the upstream guard, it installs a SIGQUIT handler with ``signal.signal``, which
   raises ``ValueError`` off the main thread.
-- ``async_generate(input_ids=..., sampling_params=..., return_logprob=..., stream=True,
-  rid=...)`` returns an async generator of ``{"text", "output_ids", "meta_info"}``. ``text``
-  and ``output_token_logprobs`` are cumulative unless ``incremental_streaming_output=True``
-  (SGLang's default is cumulative). ``stream=False`` returns the final dict.
+- ``async_generate(input_ids=..., sampling_params=..., return_logprob=..., top_logprobs_num=...,
+  stream=True, rid=...)`` returns an async generator of ``{"text", "output_ids", "meta_info"}``.
+  ``text``, ``output_token_logprobs`` (``(logprob, token_id, None)`` per token) and, with
+  ``top_logprobs_num=k``, ``output_top_logprobs`` (per token, the k most likely as such
+  triples, most likely first; every third token is only the second most likely) are
+  cumulative unless ``incremental_streaming_output=True`` (SGLang's default is cumulative).
+  ``stream=False`` returns the final dict.
 - ``finish_reason`` is ``None`` until the end, then ``{"type": "stop", "matched": ...}`` (EOS
   id or stop string, trimmed), ``{"type": "length", "length": n}`` or ``{"type": "abort",
   "message": ...}``.
@@ -32,7 +35,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from tests.fakes.chat_tokenizer import FakeChatTokenizer, answer_ids
+from tests.fakes.chat_tokenizer import ANSWER_WORDS, FakeChatTokenizer, answer_ids
 
 # The ServerArgs fields the adapter may pass (all real SGLang names).
 SERVER_ARGS = frozenset({
@@ -102,6 +105,7 @@ class FakeSGLangEngine:
         sampling_params: dict[str, Any] | None = None,
         input_ids: list[int] | None = None,
         return_logprob: bool = False,
+        top_logprobs_num: int | None = None,
         stream: bool = False,
         rid: str | None = None,
         **_: Any,
@@ -116,9 +120,10 @@ class FakeSGLangEngine:
         rid = rid or uuid.uuid4().hex
         if rid in self.tokenizer_manager.rid_to_state:
             raise ValueError(f"Duplicate request ID detected: {rid}")
-        self.calls.append({"input_ids": ids, "sampling_params": params, "return_logprob": return_logprob, "stream": stream, "rid": rid})
+        self.calls.append({"input_ids": ids, "sampling_params": params, "return_logprob": return_logprob, "stream": stream, "rid": rid,
+                           "top_logprobs_num": top_logprobs_num})
         req = self.scheduled[rid] = self.tokenizer_manager.rid_to_state[rid] = _Request(rid)
-        outputs = self._outputs(req, ids, params, return_logprob)
+        outputs = self._outputs(req, ids, params, return_logprob, int(top_logprobs_num or 0) if return_logprob else 0)
         if stream:
             return outputs
         last = None
@@ -126,14 +131,16 @@ class FakeSGLangEngine:
             pass
         return last
 
-    async def _outputs(self, req: _Request, prompt_ids: list[int], params: dict[str, Any], want_logprobs: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _outputs(
+        self, req: _Request, prompt_ids: list[int], params: dict[str, Any], want_logprobs: bool, top: int
+    ) -> AsyncIterator[dict[str, Any]]:
         tokenizer = self.tokenizer_manager.tokenizer
         temperature = float(params.get("temperature", 1.0))
         answer = answer_ids(tokenizer, prompt_ids, self.answer_tokens, params.get("sampling_seed") if temperature > 0 else None)
         answer.append(tokenizer.eos_token_id)
         max_new = int(params.get("max_new_tokens", 128))
         stops = list(params.get("stop") or ())
-        text, out_ids, lps = "", [], []
+        text, out_ids, lps, tops = "", [], [], []  # type: ignore[var-annotated]
         sent_text, sent_lps = 0, 0
         try:
             for n, token in enumerate(answer[:max_new], start=1):
@@ -145,12 +152,15 @@ class FakeSGLangEngine:
                     pass
                 if req.aborted:
                     req.done = True
-                    yield self._dict(req, "" if self.incremental else text, out_ids, lps[sent_lps:] if self.incremental else lps,
+                    cut = sent_lps if self.incremental else 0
+                    yield self._dict(req, "" if self.incremental else text, out_ids, (lps[cut:], tops[cut:] if top else None),
                                      len(prompt_ids), {"type": "abort", "message": "Abort in waiting queue"}, want_logprobs)
                     return
                 piece = "" if token == tokenizer.eos_token_id else tokenizer.token_text(token)
                 out_ids.append(token)
-                lps.append((-0.05 * (n % 5), token, None))
+                position = self._top_logprobs(n, token)
+                lps.append(next(e for e in position if e[1] == token))
+                tops.append(position[:top])
                 finish: dict[str, Any] | None = None
                 hit = next((s for s in stops if s in text + piece), None)
                 if hit is not None:
@@ -161,11 +171,10 @@ class FakeSGLangEngine:
                         finish = {"type": "stop", "matched": token}
                     elif n == max_new:
                         finish = {"type": "length", "length": max_new}
-                if self.incremental:
-                    chunk_text, chunk_lps = text[sent_text:], lps[sent_lps:]
-                    sent_text, sent_lps = len(text), len(lps)
-                else:
-                    chunk_text, chunk_lps = text, list(lps)
+                cut = sent_lps if self.incremental else 0
+                chunk_text = text[sent_text:] if self.incremental else text
+                chunk_lps = (lps[cut:], tops[cut:] if top else None)
+                sent_text, sent_lps = len(text), len(lps)
                 req.done = finish is not None
                 yield self._dict(req, chunk_text, out_ids, chunk_lps, len(prompt_ids), finish, want_logprobs)
                 if finish is not None:
@@ -177,9 +186,23 @@ class FakeSGLangEngine:
         finally:
             self.tokenizer_manager.rid_to_state.pop(req.rid, None)
 
+    def _top_logprobs(self, n: int, token: int) -> list[tuple[float, int, None]]:
+        """Token ``n``'s 20 most likely tokens (the most a request asks for), most likely first,
+        the sampled one among them."""
+        rank = 2 if n % 3 == 0 else 1  # every third token is not the most likely one
+        tokenizer = self.tokenizer_manager.tokenizer
+        others = [i for i in dict.fromkeys(tokenizer.token_id(w) for w in ANSWER_WORDS) if i != token]
+        others = others[n % len(others) :] + others[: n % len(others)]
+        ids = others[:19]
+        ids.insert(rank - 1, token)
+        return [(-0.05 * (n % 5) - 0.7 * r, tid, None) for r, tid in enumerate(ids)]
+
     @staticmethod
-    def _dict(req: _Request, text: str, ids: list[int], lps: list[Any], prompt_tokens: int, finish: Any, want_logprobs: bool) -> dict[str, Any]:
+    def _dict(req: _Request, text: str, ids: list[int], lps: tuple[list[Any], list[Any] | None], prompt_tokens: int, finish: Any,
+              want_logprobs: bool) -> dict[str, Any]:
         meta: dict[str, Any] = {"id": req.rid, "prompt_tokens": prompt_tokens, "completion_tokens": len(ids), "finish_reason": finish}
         if want_logprobs:
-            meta["output_token_logprobs"] = list(lps)
+            meta["output_token_logprobs"] = list(lps[0])
+            if lps[1] is not None:
+                meta["output_top_logprobs"] = list(lps[1])
         return {"text": text, "output_ids": list(ids), "meta_info": meta}

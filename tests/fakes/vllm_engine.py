@@ -5,11 +5,15 @@ What it models, from vLLM's source:
 - ``generate(prompt, sampling_params, request_id)`` is an async generator of ``RequestOutput``
   (``request_id``, ``prompt_token_ids``, ``outputs=[CompletionOutput]``, ``finished``); with
   ``output_kind=DELTA`` each ``CompletionOutput`` carries only the new ``text``, ``token_ids``
-  and ``logprobs`` (per position ``{token_id: Logprob(logprob, rank, decoded_token)}``);
+  and ``logprobs`` (per position ``{token_id: Logprob(logprob, rank, decoded_token)}``: the
+  sampled token first with its vocabulary rank, then, for ``logprobs=k``, the k most likely
+  tokens with ranks 1..k, as ``LogprobsProcessor._make_logprob_dict`` builds it; every third
+  position the sampled token is only the second most likely);
   ``finish_reason`` is ``None`` until the end, then "stop" (EOS or a stop string, the stop
   string trimmed and ``stop_reason`` set to it), "length" or "abort".
-- A prompt longer than ``max_model_len`` is refused with ``VLLMValidationError`` (a
-  ``ValueError``) before anything runs; a request id already running is a ``ValueError``.
+- A prompt longer than ``max_model_len``, or ``logprobs`` above ``max_logprobs`` (20, vLLM's
+  default), is refused with ``VLLMValidationError`` (a ``ValueError``) before anything runs;
+  a request id already running is a ``ValueError``.
 - ``abort(request_id)`` ends the request: its stream yields a final output with
   finish_reason "abort". ``generate`` aborts by itself when its generator is closed or
   cancelled (vLLM's ``except (CancelledError, GeneratorExit): abort``); aborting an id that is
@@ -31,7 +35,7 @@ from typing import Any, AsyncIterator, Iterable
 
 from cluster.config import VLLMEngineConfig
 from deployments.engines.vllm import VLLMBackend
-from tests.fakes.chat_tokenizer import FakeChatTokenizer, answer_ids
+from tests.fakes.chat_tokenizer import ANSWER_WORDS, FakeChatTokenizer, answer_ids
 
 
 class EngineDeadError(Exception):
@@ -106,6 +110,7 @@ class FakeAsyncLLM:
     def __init__(self, *, max_model_len: int = 2048, answer_tokens: int = 48, token_delay_s: float = 0.001) -> None:
         self.tokenizer = FakeChatTokenizer()
         self.max_model_len = max_model_len
+        self.max_logprobs = 20  # ModelConfig.max_logprobs
         self.answer_tokens = answer_tokens
         self.token_delay_s = token_delay_s
         self.running: dict[str, asyncio.Event] = {}  # request id -> its abort flag
@@ -154,6 +159,10 @@ class FakeAsyncLLM:
             raise VLLMValidationError(
                 f"The decoder prompt (length {len(prompt_ids)}) is longer than the maximum model length of {self.max_model_len}."
             )
+        if sampling_params.logprobs is not None and sampling_params.logprobs > self.max_logprobs:
+            raise VLLMValidationError(
+                f"Requested sample logprobs of {sampling_params.logprobs}, which is greater than max allowed: {self.max_logprobs}"
+            )
         if request_id in self.running:
             raise ValueError(f"Request id {request_id} already running.")
         self.calls.append((prompt_ids, sampling_params, request_id))
@@ -182,7 +191,7 @@ class FakeAsyncLLM:
                 yield self._output(rid, prompt_ids, "", [], None, "abort", None)
                 return
             piece = "" if token == self.tokenizer.eos_token_id else self.tokenizer.token_text(token)
-            lp = {token: Logprob(logprob=-0.05 * (n % 5), rank=1, decoded_token=piece)} if params.logprobs is not None else None
+            lp = self._position(n, token, piece, params.logprobs) if params.logprobs is not None else None
             finish, stop_reason = None, None
             hit = next((s for s in params.stop if s in text_so_far + piece), None)
             if hit is not None:  # vLLM trims the stop string and everything after it
@@ -203,6 +212,25 @@ class FakeAsyncLLM:
                 text_so_far += piece
             if finish is not None:
                 return
+
+    def _position(self, n: int, token: int, piece: str, k: int) -> dict[int, Logprob]:
+        """Position ``n``'s logprobs, built as vLLM V1 does: the sampled token first with its
+        rank, then the ``k`` most likely tokens, ranks 1..k (a token already there keeps its
+        place and takes the later value)."""
+        rank = 2 if n % 3 == 0 else 1  # every third token is not the most likely one
+
+        def logprob(r: int) -> float:
+            return -0.05 * (n % 5) - 0.7 * (r - 1)
+
+        others = [i for i in dict.fromkeys(self.tokenizer.token_id(w) for w in ANSWER_WORDS) if i != token]
+        others = others[n % len(others) :] + others[: n % len(others)]
+        by_rank = others[: max(k, rank) - 1]
+        by_rank.insert(rank - 1, token)
+        out = {token: Logprob(logprob(rank), rank, piece)}
+        for r in range(1, k + 1):
+            tid = by_rank[r - 1]
+            out[tid] = Logprob(logprob(r), r, piece if tid == token else self.tokenizer.token_text(tid))
+        return out
 
     def _output(self, rid: str, prompt_ids: list[int], text: str, ids: list[int], lps: Any, finish: str | None, stop: Any) -> RequestOutput:
         if finish == "abort" and rid in self._engine_aborts:

@@ -60,7 +60,16 @@ def _cfg(router: str = "trained", general_kind: str = "fake") -> Any:
 # --- /v1/models --------------------------------------------------------------------------
 
 
-def test_model_objects_have_openai_shape_and_our_fields() -> None:
+@pytest.fixture
+def vllm_without_raw_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every engine kind takes raw prompts now; the per-version listing and the fallback are
+    for one that does not, played here by vllm."""
+    from cluster import openai_endpoints
+
+    monkeypatch.setattr(openai_endpoints, "RAW_PROMPT_KINDS", openai_endpoints.RAW_PROMPT_KINDS - {"vllm"})
+
+
+def test_model_objects_have_openai_shape_and_our_fields(vllm_without_raw_prompts: None) -> None:
     objects = model_objects(_cfg(), created=7)
     ids = [o["id"] for o in objects]
     assert ids == ["auto", "code", "code@v1", "code@v2", "general", "general@v1", EMBEDDER_ID]
@@ -69,7 +78,7 @@ def test_model_objects_have_openai_shape_and_our_fields() -> None:
     code = find_model(objects, "code")
     assert (code["owned_by"], code["description"], code["role"], code["domains"]) == ("team-code", "Code help.", "specialist", ["code"])
     assert code["versions"] == ["v1", "v2"] and code["current_version"] == "v1"
-    # v1 is vllm (no raw prompts yet), v2 the fake (raw prompts): completions is listed per version
+    # v1 is vllm (no raw prompts, by the fixture), v2 the fake (raw prompts): completions is listed per version
     assert find_model(objects, "code@v1")["endpoints"] == ["chat.completions"]
     assert find_model(objects, "code@v2")["endpoints"] == ["chat.completions", "completions"]
     assert find_model(objects, EMBEDDER_ID)["role"] == "embedding"
@@ -186,9 +195,9 @@ def test_completion_request_maps_to_a_raw_prompt() -> None:
         to_completion_request(parse_completion_request(b'{"model": "code", "prompt": "' + b"x" * 40_000 + b'"}'), gw, "r")
 
 
-def test_raw_prompt_routing() -> None:
+def test_raw_prompt_routing(vllm_without_raw_prompts: None) -> None:
     cfg = _cfg()
-    pinned = RouteDecision("code", "v1", "pinned")  # vllm: no raw prompts
+    pinned = RouteDecision("code", "v1", "pinned")  # vllm: no raw prompts, by the fixture
     with pytest.raises(InvalidRequestError) as err:
         raw_prompt_decision(cfg, pinned, auto=False)
     assert err.value.param == "model" and err.value.code == "model_not_supported"

@@ -1,11 +1,12 @@
 """The vLLM and SGLang adapters against the library-shaped fakes in ``tests/fakes/``: what the
 issue's review found (engine-side aborts, seeds, health, signal handlers, tokenising off the
-event loop, config names) and how the fakes themselves behave like the libraries."""
+event loop, config names), raw prompts (/v1/completions), top_logprobs, and how the fakes
+themselves behave like the libraries."""
 
 from __future__ import annotations
 
 import asyncio
-
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,14 @@ import pytest
 import yaml
 
 from cluster.config import SGLangEngineConfig, VLLMEngineConfig
-from cluster.errors import EngineUnavailableError, InvalidRequestError
+from cluster.errors import ContextLengthExceededError, EngineUnavailableError, InvalidRequestError
 from cluster.loader import resolve_config
 from cluster.types import ChatMessage, GenerationRequest, SamplingParams
 from deployments.engines.gpu_common import SEED_MAX, SEED_MIN, signal_handlers_guarded
 from deployments.engines.sglang import SGLangEngine, engine_kwargs
-from deployments.engines.vllm import VLLMEngine, engine_args_kwargs
+from deployments.engines.vllm import VLLMEngine, engine_args_kwargs, token_logprobs
 from tests.fakes.sglang_engine import SERVER_ARGS, FakeSGLangEngine
-from tests.fakes.vllm_engine import FakeAsyncLLM, fake_vllm_backend
+from tests.fakes.vllm_engine import FakeAsyncLLM, Logprob, fake_vllm_backend
 
 PROFILES = Path(__file__).resolve().parents[2] / "cluster" / "profiles"
 
@@ -32,27 +33,28 @@ def request(max_tokens: int = 8, **sampling: Any) -> GenerationRequest:
     )
 
 
-async def vllm_engine(**knobs: Any) -> tuple[VLLMEngine, FakeAsyncLLM]:
+async def vllm_engine(system_prompt: str | None = None, **knobs: Any) -> tuple[VLLMEngine, FakeAsyncLLM]:
     made: list[Any] = []
 
     def factory(config: VLLMEngineConfig) -> Any:
         made.append(threading.current_thread())
         return fake_vllm_backend(config, **knobs)
 
-    engine = VLLMEngine(VLLMEngineConfig(kind="vllm", model="fake/tiny"), engine_factory=factory)
+    engine = VLLMEngine(VLLMEngineConfig(kind="vllm", model="fake/tiny"), system_prompt=system_prompt, engine_factory=factory)
     await engine.start()
     assert made[0] is not threading.current_thread()  # the blocking constructor ran off the loop
     return engine, engine._backend.llm  # type: ignore[union-attr,return-value]
 
 
-async def sglang_engine(**knobs: Any) -> tuple[SGLangEngine, FakeSGLangEngine]:
+async def sglang_engine(system_prompt: str | None = None, **knobs: Any) -> tuple[SGLangEngine, FakeSGLangEngine]:
     made: list[FakeSGLangEngine] = []
 
     def factory(**kwargs: Any) -> FakeSGLangEngine:
         made.append(FakeSGLangEngine(**knobs, **kwargs))
         return made[0]
 
-    engine = SGLangEngine(SGLangEngineConfig(kind="sglang", model_path="fake/tiny", health_check_timeout_s=0.2), engine_factory=factory)
+    config = SGLangEngineConfig(kind="sglang", model_path="fake/tiny", health_check_timeout_s=0.2)
+    engine = SGLangEngine(config, system_prompt=system_prompt, engine_factory=factory)
     await engine.start()
     return engine, made[0]
 
@@ -195,6 +197,106 @@ def test_gpu_profile_switches_to_sglang_by_kind_alone() -> None:
         kwargs = engine_kwargs(engine)
         assert set(kwargs) <= SERVER_ARGS  # only real ServerArgs names reach sglang.Engine
         assert kwargs["max_running_requests"] and kwargs["context_length"] and 0 < kwargs["mem_fraction_static"] < 1
+
+
+# --- raw prompts (/v1/completions), both engines -------------------------------------------
+
+
+def raw(prompt: str, max_tokens: int = 8, **sampling: Any) -> GenerationRequest:
+    return GenerationRequest(request_id="r", messages=(), sampling=SamplingParams(max_tokens=max_tokens, **sampling), prompt=prompt)
+
+
+async def _on(kind: str, **knobs: Any) -> tuple[Any, Any, Any]:
+    """(adapter, the fake library engine, a function giving the prompt ids of call ``i``)."""
+    if kind == "vllm":
+        engine, llm = await vllm_engine(**knobs)
+        return engine, llm, lambda i: llm.calls[i][0]
+    engine, fake = await sglang_engine(**knobs)
+    return engine, fake, lambda i: fake.calls[i]["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+async def test_raw_prompt_is_sent_as_is_without_template_or_system_prompt(kind: str) -> None:
+    engine, fake, prompt_ids = await _on(kind, system_prompt="Be brief.")
+    assert engine.capabilities.raw_prompt
+    chunks = [c async for c in engine.generate(raw("Once upon a time", logprobs=True))]
+    tokenizer = fake.tokenizer if kind == "vllm" else fake.tokenizer_manager.tokenizer
+    # the text as the engine itself would encode it (special tokens, i.e. BOS, included)
+    assert prompt_ids(0) == tokenizer.encode("Once upon a time", add_special_tokens=True) == [1, *prompt_ids(0)[1:]]
+    assert tokenizer.decode(prompt_ids(0)[1:]).split() == ["Once", "upon", "a", "time"]
+    text = "".join(c.text for c in chunks)
+    assert len(text.split()) == 8 and chunks[-1].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == 5
+    assert sum(len(c.logprobs) for c in chunks) == 8
+    await _text(engine, request())  # a chat request still gets the template and the system prompt
+    chat = tokenizer.decode(prompt_ids(1)).split()
+    assert chat[:3] == ["<|system|>", "Be", "brief."] and chat[-1] == "<|assistant|>"
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+async def test_raw_prompt_too_long_is_a_400_naming_prompt(kind: str) -> None:
+    engine, _, _ = await _on(kind, **({"max_model_len": 4} if kind == "vllm" else {"context_length": 4}))
+    with pytest.raises(ContextLengthExceededError) as info:
+        await _text(engine, raw("one two three four five six"))
+    assert info.value.param == "prompt" and info.value.http_status == 400
+    with pytest.raises(ContextLengthExceededError) as chat:
+        await _text(engine, request())
+    assert chat.value.param == "messages"
+
+
+# --- top_logprobs, both engines ------------------------------------------------------------
+
+
+def _top_declared(engine: Any) -> Any:
+    """This instance declares ``top_logprobs``: the class follows cluster/capabilities.py's
+    table, which does not list it for vllm and sglang yet (a no-op once it does)."""
+    engine.capabilities = dataclasses.replace(engine.capabilities, params=engine.capabilities.params | {"top_logprobs"})
+    return engine
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang", "sglang-cumulative"])
+@pytest.mark.parametrize("k", [1, 3, 20])
+async def test_top_logprobs_are_the_engines_alternatives_most_likely_first(kind: str, k: int) -> None:
+    if kind == "sglang-cumulative":
+        engine, fake = await _sglang_with(incremental_streaming_output=False)
+    else:
+        engine, fake, _ = await _on(kind)
+    chunks = [c async for c in _top_declared(engine).generate(request(max_tokens=8, logprobs=True, top_logprobs=k))]
+    asked = fake.calls[0][1].logprobs if kind == "vllm" else fake.calls[0]["top_logprobs_num"]
+    assert asked == k
+    lps = [lp for c in chunks for lp in c.logprobs]
+    assert len(lps) == 8
+    for n, lp in enumerate(lps, start=1):
+        values = [v for _, v in lp.top]
+        assert len(lp.top) == k and values == sorted(values, reverse=True) and all(t.startswith(" ") for t, _ in lp.top)
+        if n % 3:  # the sampled token is the most likely one
+            assert lp.top[0] == (lp.token, lp.logprob)
+        else:  # every third one is second: with k=1 it is not among the alternatives
+            assert lp.top[0][0] != lp.token and lp.top[0][1] > lp.logprob
+            assert k == 1 or lp.top[1] == (lp.token, lp.logprob)
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+async def test_no_alternatives_unless_asked(kind: str) -> None:
+    engine, fake, _ = await _on(kind)
+    chunks = [c async for c in engine.generate(request(logprobs=True))]
+    assert all(lp.top == () for c in chunks for lp in c.logprobs) and any(c.logprobs for c in chunks)
+    assert (fake.calls[0][1].logprobs == 0) if kind == "vllm" else (fake.calls[0]["top_logprobs_num"] is None)
+
+
+def test_vllm_top_logprobs_leave_out_a_sampled_token_outside_the_top_k() -> None:
+    # vLLM's dict: the sampled token first (rank 3 here), then ranks 1..2
+    position = {9: Logprob(-2.0, 3, " c"), 4: Logprob(-0.1, 1, " a"), 5: Logprob(-1.0, 2, " b")}
+    (lp,) = token_logprobs([9], [position], top=2)
+    assert (lp.token, lp.logprob, lp.top) == (" c", -2.0, ((" a", -0.1), (" b", -1.0)))
+    assert token_logprobs([9], [position])[0].top == ()
+
+
+async def test_vllm_more_than_max_logprobs_is_a_400() -> None:
+    engine, llm = await vllm_engine()
+    with pytest.raises(InvalidRequestError, match="max allowed: 20"):
+        await _text(_top_declared(engine), request(logprobs=True, top_logprobs=21))
+    assert llm.running == {}
 
 
 async def _sglang_with(**extra: Any) -> tuple[SGLangEngine, FakeSGLangEngine]:

@@ -159,7 +159,7 @@ def test_a_capability_fallback_takes_the_fallback_models_traffic_split() -> None
 @pytest.mark.parametrize(("cfg", "needed", "auto", "param"), [
     (_cfg(), ("tools",), False, "tools"),  # a named model is never swapped
     (_cfg(frontier=None), ("tools",), True, "tools"),  # nobody can
-    (_cfg(frontier=None), ("stop", "top_logprobs"), True, "top_logprobs"),
+    (_cfg(frontier=None), ("stop", "n"), True, "n"),
 ])
 def test_route_capable_refuses(cfg: Any, needed: tuple[str, ...], auto: bool, param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:

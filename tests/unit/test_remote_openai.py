@@ -18,7 +18,8 @@ from cluster.errors import (
 )
 from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
 from deployments.engines import create_engine
-from deployments.engines.remote_openai import RemoteOpenAIEngine, SSEDecoder, _Answer, status_error
+from deployments.engines.common import penalty_kwargs
+from deployments.engines.remote_openai import RemoteOpenAIEngine, SSEDecoder, StreamAnswer, chat_payload, status_error
 from tests.fakes.openai_upstream import OpenAIUpstream
 
 KEY_ENV = {"UPSTREAM_KEY": "sk-unit"}
@@ -336,4 +337,18 @@ def test_sse_decoder_flushes_an_unterminated_event() -> None:
 )
 def test_unusable_events_are_engine_errors(data: str, text: str) -> None:
     with pytest.raises(EngineError, match=text):
-        _Answer(want_logprobs=True).feed(data)
+        StreamAnswer(want_logprobs=True).feed(data)
+
+
+# --- request bodies --------------------------------------------------------------------------------
+
+
+def test_penalties_and_logit_bias_are_shared_and_set_only_when_used() -> None:
+    used = SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0, logit_bias=((7, -100.0), (42, 2.5)))
+    assert penalty_kwargs(used, bias_keys_as_str=True) == {
+        "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"7": -100.0, "42": 2.5}}
+    assert penalty_kwargs(used, bias_keys_as_str=False)["logit_bias"] == {7: -100.0, 42: 2.5}  # vLLM's int ids
+    assert penalty_kwargs(SamplingParams(), bias_keys_as_str=True) == {}
+    body = chat_payload("up", _request(logit_bias=((7, 1.0),), stop=("x",)), (ChatMessage("user", "hi"),))
+    assert body["logit_bias"] == {"7": 1.0} and body["stop"] == ["x"] and "presence_penalty" not in body
+    assert body["messages"] == [{"role": "user", "content": "hi"}] and body["stream_options"] == {"include_usage": True}

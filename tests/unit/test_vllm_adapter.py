@@ -172,6 +172,7 @@ def test_engine_args_from_config() -> None:
             SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, stop=("\n", "END"), seed=42, logprobs=True),
             {"max_tokens": 5, "temperature": 0.7, "top_p": 0.9, "stop": ["\n", "END"], "seed": 42, "logprobs": 0},
         ),
+        (SamplingParams(logprobs=True, top_logprobs=5), {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "logprobs": 5}),
     ],
 )
 def test_sampling_params_mapping(ours: SamplingParams, theirs: dict[str, Any]) -> None:
