@@ -67,7 +67,7 @@ def cluster_config(upstream_base_url: str, runs_in: str = "deployment") -> dict[
         "runs_in": runs_in,
     }
     return {
-        "name": "frontdoor" if runs_in == "deployment" else "frontdoor-in",
+        "name": "frontdoor" if runs_in == "deployment" else "frontdoor_in",
         "models": [{"name": REMOTE, "role": "general", "versions": [version]}],
         "router": {"kind": "heuristic", "resources": {"num_cpus": 0.1}},
         "gateway": {"resources": {"num_cpus": 0.1}},

@@ -64,6 +64,11 @@ class GenerationRequest:
     # Sampling fields the client left out, which a version's ``defaults`` may fill
     # (``cluster.openai_endpoints.apply_defaults``, in the ModelServer).
     unset_sampling: frozenset[str] = frozenset()
+    # The caller takes the answer only once it is whole (a non-streamed request that no
+    # gate reads early): an engine may fetch it unstreamed, and the gateway's first-token
+    # deadline gives way to the whole answer's (``remote_openai``: one JSON body instead of
+    # an event per token, docs/benchmarks.md "Front door").
+    whole_answer: bool = False
 
 
 @dataclass(frozen=True)

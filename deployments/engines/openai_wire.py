@@ -61,6 +61,13 @@ def completions_payload(model: str, request: GenerationRequest) -> dict[str, Any
     return body
 
 
+def unary(body: dict[str, Any]) -> dict[str, Any]:
+    """The same body, asking for the whole answer as one JSON object (no stream, no events)."""
+    out = {k: v for k, v in body.items() if k != "stream_options"}
+    out["stream"] = False
+    return out
+
+
 def optional_params(sampling: SamplingParams) -> dict[str, Any]:
     """The optional OpenAI parameters a request uses, as the upstream takes them: passed
     through unchanged (cluster/capabilities.py lists them all for this engine)."""
@@ -136,6 +143,27 @@ class StreamAnswer:
             return self._read_event(event)
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise EngineError(f"upstream sent an unreadable event: {data[:_MESSAGE_LIMIT]!r}", code="upstream_bad_stream") from err
+
+    def feed_completion(self, body: bytes) -> list[GenerationChunk]:
+        """The chunks of a whole (unstreamed) answer: each choice's ``message`` is read as
+        one delta, so both shapes fold the same way (legacy completions keep ``text``)."""
+        data = body.decode(errors="replace")
+        completion = _json_object(data)
+        if completion.get("error") or completion.get("object") == "error":
+            raise EngineError(f"upstream error: {_error_text(completion)}", code="upstream_stream_error")
+        try:
+            choices = []
+            for choice in completion.get("choices") or ():
+                message = choice.get("message") or {}
+                delta: dict[str, Any] = {"content": message.get("content")}
+                if message.get("tool_calls"):
+                    delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+                choices.append({**choice, "delta": delta})
+            chunks = self._read_event({"choices": choices, "usage": completion.get("usage")})
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise EngineError(f"upstream sent an unreadable answer: {data[:_MESSAGE_LIMIT]!r}", code="upstream_bad_stream") from err
+        self.done = True
+        return chunks
 
     def _read_event(self, event: dict[str, Any]) -> list[GenerationChunk]:
         if event.get("usage"):

@@ -49,6 +49,7 @@ from deployments.engines.openai_wire import (
     completions_payload,
     optional_params,
     status_error,
+    unary,
 )
 
 __all__ = [
@@ -138,25 +139,33 @@ class RemoteOpenAIEngine:
             raise EngineUnavailableError("remote_openai engine is not started")
         refuse_unsupported(self.capabilities, request, "remote_openai")
         deadline = _Deadline(self._clock, self.config.total_timeout_s)
+        # A caller that takes only the whole answer gets it as one JSON body: one read and one
+        # parse instead of an event (and a timed read) per token.
+        shape = unary if request.whole_answer else (lambda body: body)
         if request.prompt is not None:  # a raw prompt goes to the upstream's legacy /completions, as is
             messages: tuple[ChatMessage, ...] = ()
-            response = await self._open(self._client, completions_payload(self.config.model, request), deadline, self._completions_url)
+            response = await self._open(self._client, shape(completions_payload(self.config.model, request)), deadline,
+                                        self._completions_url)
         else:
             messages = with_system_prompt(request, self.system_prompt)
-            response = await self._open(self._client, chat_payload(self.config.model, request, messages), deadline)
+            response = await self._open(self._client, shape(chat_payload(self.config.model, request, messages)), deadline)
         try:
-            lines = response.aiter_lines()
-            events = SSEDecoder()
             answer = StreamAnswer(request.sampling.logprobs)
-            while not answer.done:
-                line = await _read(deadline, lambda: anext(lines, None), "reading the stream")
-                data = events.feed(line) if line is not None else events.flush()
-                for chunk in answer.feed(data) if data is not None else ():
+            if request.whole_answer:
+                for chunk in answer.feed_completion(await _read(deadline, response.aread, "reading the answer")):
                     yield chunk
-                if line is None:
-                    break
-            if answer.done:
-                await _drain(lines, deadline)
+            else:
+                lines = response.aiter_lines()
+                events = SSEDecoder()
+                while not answer.done:
+                    line = await _read(deadline, lambda: anext(lines, None), "reading the stream")
+                    data = events.feed(line) if line is not None else events.flush()
+                    for chunk in answer.feed(data) if data is not None else ():
+                        yield chunk
+                    if line is None:
+                        break
+                if answer.done:
+                    await _drain(lines, deadline)
             yield answer.final(prompt_chars=sum(len(m.content) for m in messages) + len(request.prompt or ""))
         finally:
             await response.aclose()

@@ -108,9 +108,9 @@ async def text_completions(gw: "Gateway", request: Request) -> Response:
         ticket = await gw.keys.admit(caller, as_chat, headers)
 
         def call_request(d: RouteDecision) -> GenerationRequest:
-            req = gen
+            req = dataclasses.replace(gen, whole_answer=not wire.stream)  # no gate reads it early: engines may fetch it whole
             if policy.is_external(gw.config, d.model, d.version) and screened.external_messages is not None:
-                req = dataclasses.replace(gen, prompt=screened.external_messages[0].content)  # redacted under pii: redact
+                req = dataclasses.replace(req, prompt=screened.external_messages[0].content)  # redacted under pii: redact
             return with_id(req, d, logprobs=False)
 
         out = trail.out = await gw.ensemble.run(plan, call_request, stream=wire.stream, started_at=started_at)

@@ -136,8 +136,8 @@ class Gateway:
         name = decision.deployment_name
         local = self.in_gateway.get(name)
         if local is not None:
-            return timed_chunks(lambda: local.stream(request), self.config.gateway, self.clock)
-        return timed_chunks(lambda: handle_stream(self.models[name], request), self.config.gateway, self.clock)
+            return timed_chunks(lambda: local.stream(request), self.config.gateway, self.clock, request.whole_answer)
+        return timed_chunks(lambda: handle_stream(self.models[name], request), self.config.gateway, self.clock, request.whole_answer)
 
     def _load_api_keys(self, env: Mapping[str, str]) -> KeyGuard:
         """The env-var keys, and the managed ones in Redis with ``gateway.keys.managed``
@@ -268,11 +268,13 @@ class Gateway:
             plan = self.keys.trim_plan(caller, plan, decision)  # no escalation past the key's scope
             ticket = await self.keys.admit(caller, gen, headers)  # 429 here; x-ratelimit-* into headers either way
             gated = plan.strategy in ("cascade", "race")
+            # a plain route answered in one piece: engines may fetch it whole (remote_openai: one JSON body)
+            whole = dataclasses.replace(gen, whole_answer=True) if not wire.stream and not gated else gen
 
             def call_request(d: RouteDecision) -> GenerationRequest:
-                req = gen
+                req = whole
                 if policy.is_external(self.config, d.model, d.version) and screened.external_messages is not None:
-                    req = dataclasses.replace(gen, messages=screened.external_messages)
+                    req = dataclasses.replace(req, messages=screened.external_messages)
                 return with_id(req, d, logprobs=gated)
 
             out = trail.out = await self.ensemble.run(plan, call_request, stream=wire.stream, started_at=started_at)
@@ -280,8 +282,9 @@ class Gateway:
             shadow = self.shadows.target(snap, first)
             if shadow is not None and policy.allowed(self.config, screened, shadow.model, shadow.version):
                 # after the user's own calls have started: fire and forget, answer dropped
-                self.shadows.send(shadow, lambda d: with_id(dataclasses.replace(call_request(d), request_id=f"{request_id}:shadow"), d,
-                                                             logprobs=True))
+                # streamed, as the candidate's figures (TTFT) are read against the stable version's
+                self.shadows.send(shadow, lambda d: with_id(
+                    dataclasses.replace(call_request(d), request_id=f"{request_id}:shadow", whole_answer=False), d, logprobs=True))
             decision = out.winner.decision
             headers.update(self._headers(decision, first))
             headers.update(self._outcome_headers(out))

@@ -35,6 +35,7 @@ async def timed_chunks(
     open_stream: Callable[[], BatchStream],
     gw: GatewayConfig,
     clock: Callable[[], float],
+    whole: bool = False,
 ) -> AsyncIterator[GenerationChunk]:
     """Yield chunks up to and including the final one.
 
@@ -43,9 +44,12 @@ async def timed_chunks(
     ends early (timeout, error, or the consumer closing this generator), the replica-side
     generation is cancelled, which aborts it in the engine. The call is opened on the
     first pull, not before: a call that is never read never runs (nor needs cancelling).
+    For a ``whole`` answer (``GenerationRequest.whole_answer``) the first chunk may come only
+    with the last, so the first-token limit is the whole answer's.
     """
     stream = open_stream()
-    deadlines = StreamDeadlines(clock(), gw.request_timeout_s, gw.first_token_timeout_s, gw.stream_idle_timeout_s)
+    first_token_s = gw.request_timeout_s if whole else gw.first_token_timeout_s
+    deadlines = StreamDeadlines(clock(), gw.request_timeout_s, first_token_s, gw.stream_idle_timeout_s)
     last_at: float | None = None
     finished = False
     try:

@@ -102,6 +102,7 @@ def test_completions_pass_through_to_the_upstream(client: openai.OpenAI, upstrea
     assert upstream.paths[-1] == "/v1/completions"
     sent = upstream.last_body
     assert sent["prompt"] == "The capital of France is" and "messages" not in sent and sent["model"] == "up-model"
+    assert sent["stream"] is False  # a non-streamed answer is fetched whole (GenerationRequest.whole_answer)
     assert (sent["max_tokens"], sent["stop"], sent["logprobs"], sent["temperature"]) == (3, ["\n"], 0, 0.3)  # the version's default
     assert out.choices[0].text == "Paris is the" and out.choices[0].logprobs.tokens == ["Paris", " is", " the"]
     streamed = list(client.completions.create(model="frontier", prompt="The capital of France is", max_tokens=3, temperature=0.9,

@@ -5,13 +5,14 @@ the fake upstream on loopback, pulled by the gateway's own ``timed_chunks``."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any, AsyncIterator, Iterator
 
 import pytest
 from pydantic import ValidationError
 
 from cluster.config import ClusterConfig, GatewayConfig, ModelVersionConfig
-from cluster.errors import EngineError, EngineUnavailableError
+from cluster.errors import EngineError, EngineTimeoutError, EngineUnavailableError
 from cluster.loader import load_profile
 from cluster.serve_config import data_plane_deployments
 from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
@@ -160,3 +161,21 @@ async def test_calls_past_the_versions_limits_get_a_503(upstream: OpenAIUpstream
     assert len(refused) == 1 and isinstance(refused[0], EngineUnavailableError)
     assert refused[0].code == "model_at_capacity" and refused[0].http_status == 503
     assert upstream.completed == 2  # one ran, one queued behind it and then ran
+
+
+async def test_a_whole_answer_waits_past_the_first_token_limit_but_not_past_the_requests(upstream: OpenAIUpstream) -> None:
+    upstream.knobs.first_byte_delay_s = 0.4  # the whole answer arrives after 0.4 s
+    gw = GatewayConfig(first_token_timeout_s=0.2, request_timeout_s=5)
+    model = InGatewayModel("frontier", _remote(upstream.base_url))
+    clock = asyncio.get_running_loop().time
+    try:
+        with pytest.raises(EngineTimeoutError):  # streamed: no first token within 0.2 s
+            _ = [c async for c in timed_chunks(lambda: model.stream(_request()), gw, clock)]
+        whole = dataclasses.replace(_request(), whole_answer=True)
+        chunks = [c async for c in timed_chunks(lambda: model.stream(whole), gw, clock, whole=True)]
+        assert "".join(c.text for c in chunks) == "two plus two is four" and upstream.last_body["stream"] is False
+        with pytest.raises(EngineTimeoutError):  # but the request's own limit still holds
+            _ = [c async for c in timed_chunks(lambda: model.stream(whole), GatewayConfig(first_token_timeout_s=0.2, request_timeout_s=0.3),
+                                               clock, whole=True)]
+    finally:
+        await model.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from typing import AsyncIterator, Iterator
 
@@ -352,3 +353,55 @@ def test_penalties_and_logit_bias_are_shared_and_set_only_when_used() -> None:
     body = chat_payload("up", _request(logit_bias=((7, 1.0),), stop=("x",)), (ChatMessage("user", "hi"),))
     assert body["logit_bias"] == {"7": 1.0} and body["stop"] == ["x"] and "presence_penalty" not in body
     assert body["messages"] == [{"role": "user", "content": "hi"}] and body["stream_options"] == {"include_usage": True}
+
+
+# --- whole answers (GenerationRequest.whole_answer) --------------------------------------
+
+
+def _shape(chunks: list[GenerationChunk]) -> tuple:
+    """What a caller reads of an answer, however it was chunked: text and logprobs and tool
+    calls per choice, and the final chunk's finish, usage and per-choice reasons."""
+    per: dict[int, tuple[str, tuple, dict]] = {}
+    for c in chunks[:-1]:
+        text, lps, calls = per.get(c.index, ("", (), {}))
+        for t in c.tool_calls:  # a streamed call comes in pieces (id and name, then arguments): merged by its index
+            id_, name, args = calls.get(t.index, (None, None, ""))
+            calls[t.index] = (id_ or t.id, name or t.name, args + t.arguments)
+        per[c.index] = (text + c.text, lps + c.logprobs, calls)
+    final = chunks[-1]
+    return per, final.finish_reason, final.usage, final.finish_reasons
+
+
+@pytest.mark.parametrize("sampling", [
+    {},
+    {"logprobs": True, "top_logprobs": 2, "n": 2},
+    {"tools": ({"type": "function", "function": {"name": "weather", "parameters": {}}},), "tool_choice": "required"},
+])
+async def test_a_whole_answer_is_one_unstreamed_call_with_the_same_content(engine: RemoteOpenAIEngine, upstream: OpenAIUpstream,
+                                                                            sampling: dict) -> None:
+    upstream.knobs.answer = None  # derived from the prompt: the same for both calls
+    streamed = _request(**sampling)
+    whole = dataclasses.replace(streamed, whole_answer=True)
+    a = await _collect(engine, streamed)
+    assert upstream.last_body is not None and upstream.last_body["stream"] is True
+    b = await _collect(engine, whole)
+    assert upstream.last_body["stream"] is False and "stream_options" not in upstream.last_body
+    assert _shape(b) == _shape(a) and len(b) <= 1 + max(1, sampling.get("n", 1))  # one chunk per choice, then the final
+
+
+async def test_a_whole_raw_prompt_answer(engine: RemoteOpenAIEngine, upstream: OpenAIUpstream) -> None:
+    request = GenerationRequest("r", (), SamplingParams(max_tokens=4, logprobs=True), prompt="Once upon", whole_answer=True)
+    chunks = await _collect(engine, request)
+    assert upstream.paths[-1] == "/v1/completions" and upstream.last_body["stream"] is False
+    assert "".join(c.text for c in chunks) == "two plus two is" and len(chunks[0].logprobs) == 4
+    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 4
+
+
+async def test_an_unreadable_whole_answer_is_a_502(engine: RemoteOpenAIEngine) -> None:
+    from deployments.engines.openai_wire import StreamAnswer
+
+    with pytest.raises(EngineError) as err:
+        StreamAnswer(False).feed_completion(b'{"choices": [{"message": "not an object"}]}')
+    assert err.value.http_status == 502 and err.value.code == "upstream_bad_stream"
+    with pytest.raises(EngineError, match="upstream error"):
+        StreamAnswer(False).feed_completion(b'{"error": {"message": "overloaded"}}')
