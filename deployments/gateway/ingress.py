@@ -118,6 +118,7 @@ class Gateway:
         await self.splits.close()
         await self.audit.close()
         await self.keys.close()
+        await self.metrics.close()
         for model in self.in_gateway.values():
             await model.shutdown()
 
