@@ -65,9 +65,9 @@ class GenerationRequest:
     # (``cluster.openai_endpoints.apply_defaults``, in the ModelServer).
     unset_sampling: frozenset[str] = frozenset()
     # The caller takes the answer only once it is whole (a non-streamed request that no
-    # gate reads early): an engine may fetch it unstreamed, and the gateway's first-token
-    # deadline gives way to the whole answer's (``remote_openai``: one JSON body instead of
-    # an event per token, docs/benchmarks.md "Front door").
+    # gate reads early): an engine may fetch it unstreamed (``remote_openai``: one JSON body
+    # instead of an event per token, docs/benchmarks.md "Front door"), and for such an
+    # engine the gateway's first-token deadline gives way to the whole answer's.
     whole_answer: bool = False
 
 

@@ -84,6 +84,9 @@ class Gateway:
         self.router = router
         self.models = models
         self.in_gateway = in_gateway_models(config)  # runs_in: gateway: called without a Serve hop
+        # Versions whose engine fetches a whole answer in one piece (GenerationRequest.whole_answer):
+        # only their first chunk may come with the last; the others keep the first-token limit.
+        self.fetch_whole = {deployment_name(m.name, v.name) for m, v in config.deployments() if v.engine.kind == "remote_openai"}
         self.clock = time.monotonic
         env = env if env is not None else os.environ
         self.keys = self._load_api_keys(env)
@@ -135,10 +138,11 @@ class Gateway:
 
     def _open_call(self, decision: RouteDecision, request: GenerationRequest):  # type: ignore[no-untyped-def]
         name = decision.deployment_name
+        whole = request.whole_answer and name in self.fetch_whole
         local = self.in_gateway.get(name)
         if local is not None:
-            return timed_chunks(lambda: local.stream(request), self.config.gateway, self.clock, request.whole_answer)
-        return timed_chunks(lambda: handle_stream(self.models[name], request), self.config.gateway, self.clock, request.whole_answer)
+            return timed_chunks(lambda: local.stream(request), self.config.gateway, self.clock, whole)
+        return timed_chunks(lambda: handle_stream(self.models[name], request), self.config.gateway, self.clock, whole)
 
     def _load_api_keys(self, env: Mapping[str, str]) -> KeyGuard:
         """The env-var keys, and the managed ones in Redis with ``gateway.keys.managed``
