@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, EngineConfig
 from cluster.errors import InvalidRequestError
 from cluster.types import EngineCapabilities, GenerationRequest, RouteDecision, SamplingParams
 
@@ -29,16 +29,19 @@ FEATURES = (
     "n",
 )
 
-# vLLM and SGLang's in-process engines take penalties, logit_bias, structured output and
-# top_logprobs in their sampling options; tool calling needs a model-specific parser of
-# the answer (their HTTP servers have one, their engines do not), and n > 1 needs the
-# adapters to read several outputs per step, which they do not yet. hf streams one
-# sequence through its own batcher: stop strings only.
+# vLLM and SGLang's in-process engines take penalties, logit_bias, structured output,
+# top_logprobs and n (several outputs per request, each tagged with its index) in their
+# sampling options. Tool calls are read out of the answer by a model-specific parser (vLLM's
+# ToolParser, SGLang's FunctionCallParser), so a vllm or sglang version honours tools and
+# tool_choice only when its config names a ``tool_parser``: the adapter's instance drops them
+# otherwise and refuses them with a 400, and the gateway's check must look at the version's
+# config for the same reason (these rows say what the kind can do with a parser). hf streams
+# one sequence through its own batcher: stop strings only.
 ENGINE_PARAMS: dict[str, frozenset[str]] = {
     "remote_openai": frozenset(FEATURES),
     "fake": frozenset({"tools", "tool_choice", "response_format", "stop", "top_logprobs", "n"}),
-    "vllm": frozenset({"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "top_logprobs"}),
-    "sglang": frozenset({"response_format", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "top_logprobs"}),
+    "vllm": frozenset(FEATURES),
+    "sglang": frozenset(FEATURES),
     "hf": frozenset({"stop"}),
 }
 
@@ -65,11 +68,24 @@ def engine_params(kind: str) -> frozenset[str]:
     return ENGINE_PARAMS.get(kind, frozenset())
 
 
+# Engine kinds whose tool calls need a parser named in the version's config.
+NEEDS_TOOL_PARSER = frozenset({"vllm", "sglang"})
+
+
+def version_params(engine: EngineConfig) -> frozenset[str]:
+    """What one version's engine config honours: its kind's row, less tools and tool_choice
+    for a vllm or sglang version without a ``tool_parser`` (the adapters declare the same)."""
+    params = engine_params(engine.kind)
+    if engine.kind in NEEDS_TOOL_PARSER and getattr(engine, "tool_parser", None) is None:
+        params = params - {"tools", "tool_choice"}
+    return params
+
+
 def decision_params(cfg: ClusterConfig, decision: RouteDecision) -> frozenset[str]:
     """What the model version a decision names honours (nothing for an unknown one)."""
     model = cfg.model(decision.model)
     version = model.version(decision.version) if model is not None else None
-    return engine_params(version.engine.kind) if version is not None else frozenset()
+    return version_params(version.engine) if version is not None else frozenset()
 
 
 def first_missing(supported: frozenset[str], needed: Iterable[str]) -> str | None:

@@ -57,6 +57,11 @@ class VLLMEngineConfig(Strict):
         None, ge=1, description="Most sequences vLLM runs at once; the capacity planner sizes the KV cache for this many (vLLM's default when null)."
     )
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (faster start, slower decode).")
+    tool_parser: str | None = Field(
+        None,
+        description="vLLM tool parser for the model's call format (hermes, llama3_json, mistral, ...); "
+        "without one, requests with tools/tool_choice are refused with a 400.",
+    )
     extra_engine_args: dict[str, Any] = Field(default_factory=dict, description="Further AsyncEngineArgs fields, passed through.")
 
 
@@ -86,6 +91,11 @@ class SGLangEngineConfig(Strict):
         False, validation_alias=AliasChoices("disable_cuda_graph", "enforce_eager"), description="Disable CUDA graphs (faster start, slower decode)."
     )
     health_check_timeout_s: float = Field(20.0, gt=0, description="Longest wait for the one-token health probe (SGLang's own /health_generate waits 20 s).")
+    tool_parser: str | None = Field(
+        None, validation_alias=AliasChoices("tool_parser", "tool_call_parser"),
+        description="SGLang tool-call parser for the model's call format (hermes, qwen25, llama3, mistral, ...; "
+        "ServerArgs' tool_call_parser also accepted); without one, requests with tools/tool_choice are refused with a 400.",
+    )
     extra_engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further ServerArgs fields, passed through (incremental_streaming_output defaults to true here)."
     )

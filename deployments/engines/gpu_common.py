@@ -2,10 +2,12 @@
 
 - ``request_prompt_ids``: a request's prompt token ids through the engine's own tokenizer:
   the chat template for messages (``render_prompt_ids``), the text as is for a raw prompt.
+- ``merge_streams``: several engine streams as one (SGLang's ``n`` choices).
 - ``drive_stream``: runs one engine stream; translates the library's failures into typed
   errors and aborts the request in the engine when the consumer leaves early.
 - ``ChunkAssembler``: turns per-step deltas into ``GenerationChunk``s (text in order, logprobs
-  riding with their text, then exactly one final chunk).
+  riding with their text, then exactly one final chunk); ``Choices`` does it for ``n`` choices
+  (chunks tagged with their choice's ``index``, one final chunk once every choice finished).
 - ``TokenizerThread``: runs chat templating and tokenisation off the event loop.
 - ``signal_handlers_guarded``: lets an engine constructor that installs signal handlers run
   off the main thread (a Serve replica's constructor, ``asyncio.to_thread``).
@@ -54,8 +56,10 @@ class ChatTokenizer(Protocol):
     def decode(self, token_ids: list[int], **kwargs: Any) -> str: ...
 
 
-def render_prompt_ids(tokenizer: ChatTokenizer, messages: tuple[ChatMessage, ...]) -> list[int]:
-    """The prompt token ids for ``messages`` under the model's chat template.
+def render_prompt_ids(tokenizer: ChatTokenizer, messages: tuple[ChatMessage, ...], tools: Sequence[Any] = ()) -> list[int]:
+    """The prompt token ids for ``messages`` under the model's chat template (with ``tools``,
+    OpenAI's tool dicts, passed to the template as Hugging Face's ``tools=`` when there are
+    any: the model only calls functions its prompt describes).
 
     Renders to text, then encodes without special tokens (as vLLM's own chat path does): the
     template already wrote BOS, and encoding the text plainly would add a second one.
@@ -64,7 +68,8 @@ def render_prompt_ids(tokenizer: ChatTokenizer, messages: tuple[ChatMessage, ...
     ``EngineError`` for any other failure, which is a deployment problem, not the client's.
     """
     try:
-        text = tokenizer.apply_chat_template(messages_as_dicts(messages), tokenize=False, add_generation_prompt=True)
+        extra = {"tools": list(tools)} if tools else {}
+        text = tokenizer.apply_chat_template(messages_as_dicts(messages), tokenize=False, add_generation_prompt=True, **extra)
         return list(tokenizer.encode(text, add_special_tokens=False))
     except Exception as exc:
         if has_class_named(exc, "TemplateError"):
@@ -80,10 +85,11 @@ def request_prompt_ids(tokenizer: ChatTokenizer, request: GenerationRequest, sys
     is how vLLM and SGLang encode a text prompt themselves (``tokenizer.encode(text)``). It is
     encoded here rather than handed over as text so that tokenisation stays on the adapter's
     tokenizer thread: both engines would otherwise encode it on the replica's event loop.
-    Chat messages get ``system_prompt`` (unless they bring one) and the chat template.
+    Chat messages get ``system_prompt`` (unless they bring one) and the chat template, which
+    also gets the request's ``tools``.
     """
     if request.prompt is None:
-        return render_prompt_ids(tokenizer, with_system_prompt(request, system_prompt))
+        return render_prompt_ids(tokenizer, with_system_prompt(request, system_prompt), request.sampling.tools)
     try:
         return list(tokenizer.encode(request.prompt, add_special_tokens=True))
     except Exception as exc:
@@ -227,8 +233,63 @@ async def drive_stream(
                 await aclose()
 
 
+async def merge_streams(
+    streams: Sequence[AsyncIterator[T]], *, abort_all: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[tuple[int, T]]:
+    """``(i, item)`` from several streams as their items arrive (one stream: no tasks).
+
+    The first failure is raised and closes the others; closing or cancelling the merge closes
+    every stream (each one's own ``finally`` runs, e.g. ``drive_stream``'s abort) before it
+    returns. Items that arrive together go out in stream order.
+
+    The streams still running are each waiting inside their engine's stream in a task, so
+    cancelling those tasks reaches the engine's stream before ``drive_stream``'s abort can
+    (SGLang then forgets the request, and the abort that follows is a no-op): ``abort_all``
+    runs first, while every request is still live."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await _aclose(streams[0])
+        return
+    pending: dict[asyncio.Future[T], int] = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}  # type: ignore[arg-type]
+    ready: list[tuple[int, asyncio.Future[T]]] = []
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            ready = sorted((pending.pop(f), f) for f in done)  # type: ignore[misc]
+            while ready:
+                i, future = ready.pop(0)
+                try:
+                    item = future.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(streams[i]))] = i  # type: ignore[arg-type]
+                yield i, item
+    finally:
+        if pending and abort_all is not None:
+            try:
+                await abort_all()
+            except Exception:  # the exception in flight matters more than a failed abort
+                log.warning("engine abort failed", exc_info=True)
+        for future in pending:
+            future.cancel()
+        # read every outcome (a second failure is dropped: the first is the one raised)
+        await asyncio.gather(*pending, *(f for _, f in ready), return_exceptions=True)
+        for stream in streams:
+            await _aclose(stream)
+
+
+async def _aclose(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with suppress(Exception):
+            await aclose()
+
+
 class ChunkAssembler:
-    """Builds the chunks of one generation from the engine's deltas.
+    """Builds the chunks of one generation (one choice, ``index``) from the engine's deltas.
 
     ``delta()`` returns the text chunk to send now (or ``None`` while text is held back);
     ``final()`` returns the remaining chunks, the last one with ``finish_reason`` and
@@ -240,10 +301,11 @@ class ChunkAssembler:
     and the finish reason becomes ``"stop"``.
     """
 
-    def __init__(self, stops: Sequence[str] = ()) -> None:
+    def __init__(self, stops: Sequence[str] = (), *, index: int = 0) -> None:
         self._stops = StopMatcher(tuple(stops))
         self._pending: list[TokenLogprob] = []
         self._stopped = False
+        self.index = index
 
     def delta(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> GenerationChunk | None:
         if self._stopped:
@@ -253,8 +315,9 @@ class ChunkAssembler:
         self._stopped = hit
         return self._text_chunk(safe)
 
-    def final(self, finish_reason: FinishReason, usage: Usage, *, matched_stop: str | None = None) -> list[GenerationChunk]:
-        """The held-back text, then the final chunk. ``matched_stop``: the stop string the
+    def close(self, finish_reason: FinishReason, *, matched_stop: str | None = None) -> tuple[list[GenerationChunk], FinishReason]:
+        """(the held-back text as chunks, the choice's finish reason); logprobs of tokens
+        that never printed text stay in ``pending``. ``matched_stop``: the stop string the
         engine says it matched; a start of it at the end of the held-back text is dropped
         (the engine trimmed the stop string from its output, but may have streamed its first
         characters one step earlier)."""
@@ -264,17 +327,78 @@ class ChunkAssembler:
             tail = self._text_chunk(_strip_stop_prefix(held, matched_stop) if matched_stop else held)
             if tail is not None:
                 chunks.append(tail)
-        reason: FinishReason = "stop" if self._stopped else finish_reason
-        chunks.append(GenerationChunk(logprobs=tuple(self._pending), finish_reason=reason, usage=usage))
+        return chunks, ("stop" if self._stopped else finish_reason)
+
+    def take_pending(self) -> tuple[TokenLogprob, ...]:
+        pending = tuple(self._pending)
         self._pending.clear()
+        return pending
+
+    def final(self, finish_reason: FinishReason, usage: Usage, *, matched_stop: str | None = None) -> list[GenerationChunk]:
+        """The held-back text, then the final chunk (see ``close``)."""
+        chunks, reason = self.close(finish_reason, matched_stop=matched_stop)
+        chunks.append(GenerationChunk(logprobs=self.take_pending(), finish_reason=reason, usage=usage))
         return chunks
 
     def _text_chunk(self, text: str) -> GenerationChunk | None:
         if not text:
             return None
-        chunk = GenerationChunk(text=text, logprobs=tuple(self._pending))
+        chunk = GenerationChunk(text=text, logprobs=tuple(self._pending), index=self.index)
         self._pending.clear()
         return chunk
+
+
+class Choices:
+    """The ``n`` choices of one request (OpenAI's ``n``), each with its ``ChunkAssembler``.
+
+    Text chunks carry their choice's ``index``; ``finish(index, ...)`` closes one choice
+    (its held-back text); once every choice finished, ``final(usage)`` is the one final chunk:
+    ``finish_reason`` of choice 0 and, when ``n`` > 1, ``finish_reasons`` by index (the shape
+    the fake engine and ``remote_openai`` give). Logprobs of tokens that printed no text (an
+    EOS) ride on the final chunk for choice 0, as with one choice; for the other choices they
+    are dropped, since a chunk before the final one must carry text.
+    """
+
+    def __init__(self, n: int, stops: Sequence[str] = ()) -> None:
+        self.n = n
+        self._choices = [ChunkAssembler(stops, index=i) for i in range(n)]
+        self._reasons: dict[int, FinishReason] = {}
+
+    def delta(self, index: int, text: str, logprobs: Sequence[TokenLogprob] = ()) -> list[GenerationChunk]:
+        if index in self._reasons:
+            return []
+        chunk = self._choice(index).delta(text, logprobs)
+        return [chunk] if chunk is not None else []
+
+    def finish(self, index: int, reason: FinishReason, *, matched_stop: str | None = None) -> list[GenerationChunk]:
+        if index in self._reasons:
+            return []
+        chunks, self._reasons[index] = self._choice(index).close(reason, matched_stop=matched_stop)
+        return chunks
+
+    def finished(self, index: int) -> bool:
+        return index in self._reasons
+
+    @property
+    def done(self) -> bool:
+        return len(self._reasons) == self.n
+
+    def reason(self, index: int) -> FinishReason | None:
+        return self._reasons.get(index)
+
+    def set_reason(self, index: int, reason: FinishReason) -> None:
+        """Overrides a finished choice's reason (``tool_calls`` once a parser found a call)."""
+        self._reasons[index] = reason
+
+    def final(self, usage: Usage) -> GenerationChunk:
+        reasons = tuple(self._reasons[i] for i in range(self.n))
+        return GenerationChunk(logprobs=self._choices[0].take_pending(), finish_reason=reasons[0], usage=usage,
+                               finish_reasons=reasons if self.n > 1 else ())
+
+    def _choice(self, index: int) -> ChunkAssembler:
+        if not 0 <= index < self.n:
+            raise EngineError(f"the engine sent choice {index} of a request for {self.n}")
+        return self._choices[index]
 
 
 def _strip_stop_prefix(text: str, stop: str) -> str:

@@ -50,6 +50,21 @@ API facts relied on (SGLang >= 0.5, checked against current main):
   ``check_health`` therefore generates one token with a timeout, as ``/health_generate`` does.
 - SGLang trims a matched stop string from its output but may already have streamed its first
   characters; stop strings are therefore enforced here as well (``ChunkAssembler``).
+- ``n`` > 1: SGLang's own ``sampling_params["n"]`` turns the request into a batch whose
+  children get fresh uuid rids (``regenerate_rid`` in ``_handle_batch_request``) and stream
+  interleaved dicts tagged ``"index"``; the rid we pass is never live, so
+  ``abort_request(rid=ours)`` is a no-op and a child's rid is known only once it has sent an
+  output: a client that leaves early would leave children generating. The adapter therefore
+  fans out itself, as SGLang does internally: one ``async_generate`` per choice with its own
+  rid (choice i seeded with seed + i, SGLang's and vLLM's rule), merged as they stream, each
+  aborted on close. SGLang's prefix-caching warm-up request for ``n`` is not replicated (the
+  radix cache shares the prompt between the choices once the first one has prefilled it).
+- Tool calling (``tool_parser`` in the config): the in-process ``Engine`` does not parse calls
+  (its HTTP server does, in ``serving_chat``); the adapter does what that server does, with
+  ``sglang.srt.function_call.function_call_parser.FunctionCallParser(tools, name)`` per
+  choice (``parse_stream_chunk``, ``parse_stream_end`` on newer releases) and the detector's
+  ``prev_tool_call_arr``/``streamed_args_for_tool`` for arguments it parsed but did not
+  stream; a forced ``tool_choice`` becomes a ``json_schema`` (``deployments/engines/tool_calls.py``).
 """
 
 from __future__ import annotations
@@ -68,6 +83,7 @@ from deployments.engines.gpu_common import (
     ChatTokenizer,
     TokenizerThread,
     drive_stream,
+    merge_streams,
     prompt_param,
     request_prompt_ids,
     signal_handlers_guarded,
@@ -77,11 +93,13 @@ from deployments.engines.gpu_common import (
 # callers and tests have always found them.
 from deployments.engines.sglang_mapping import (
     OutputMapper,
+    choice_params,
     engine_kwargs,
     finish_reason,
     is_final,
     sampling_params,
     streams_cumulative_text,
+    tool_streams,
     translate_error,
 )
 
@@ -137,6 +155,24 @@ def _probe_ids(tokenizer: ChatTokenizer) -> list[int]:
         return [0]
 
 
+def load_function_call_parser(name: str, tools: tuple[dict[str, Any], ...]) -> Any:
+    """SGLang's ``FunctionCallParser(tools, tool_call_parser)`` (``sglang.srt.function_call.
+    function_call_parser``, its tools as ``sglang.srt.entrypoints.openai.protocol.Tool``), one per
+    choice: it keeps per-answer state. An unknown name is a ``ValueError`` from SGLang."""
+    from sglang.srt.entrypoints.openai.protocol import Tool
+    from sglang.srt.function_call.function_call_parser import FunctionCallParser
+
+    return FunctionCallParser([Tool.model_validate(t) for t in tools], name)
+
+
+def version_capabilities(config: SGLangEngineConfig) -> EngineCapabilities:
+    """What this version honours: the ``sglang`` row, less tools without a ``tool_parser``."""
+    params = engine_params("sglang")
+    if getattr(config, "tool_parser", None) is None:
+        params = params - {"tools", "tool_choice"}
+    return EngineCapabilities(streaming=True, logprobs=True, raw_prompt=True, params=params)
+
+
 class SGLangEngine:
     """One model version on SGLang's in-process ``Engine``. See the module docstring.
 
@@ -152,10 +188,15 @@ class SGLangEngine:
         *,
         system_prompt: str | None = None,
         engine_factory: Callable[..., SGLangEngineLike] = load_sglang_engine,
+        tool_parser_factory: Callable[[str, tuple[dict[str, Any], ...]], Any] = load_function_call_parser,
     ) -> None:
         self.config = config
         self.system_prompt = system_prompt
+        # tools need a parser of the model's call format: without one, tools and tool_choice
+        # are refused (400) like any parameter the engine cannot honour
+        self.capabilities = version_capabilities(config)
         self._factory = engine_factory
+        self._tool_parser_factory = tool_parser_factory
         self._engine: SGLangEngineLike | None = None
         self._cumulative = streams_cumulative_text(config)
         self._tokenizer_thread: TokenizerThread | None = None
@@ -178,6 +219,12 @@ class SGLangEngine:
             raise
         except Exception as exc:
             raise EngineError(f"SGLang failed to start {self.config.model_path!r}: {exc}") from exc
+        if self.config.tool_parser is not None:
+            try:  # a parser name SGLang does not know fails here, not on the first request
+                self._make_tool_parser(())
+            except Exception:
+                await asyncio.to_thread(engine.shutdown)
+                raise
         self._tokenizer_thread = TokenizerThread("sglang-tokenizer")
         self._probe = await self._tokenizer_thread.run(_probe_ids, engine.tokenizer_manager.tokenizer)
         self._engine = engine
@@ -195,7 +242,9 @@ class SGLangEngine:
         assert self._tokenizer_thread is not None
         # A raw prompt (/v1/completions) is the client's text as is: no template, no system prompt.
         prompt_ids = await self._tokenizer_thread.run(request_prompt_ids, tokenizer, request, self.system_prompt)
-        rid = uuid.uuid4().hex  # ours, fixed length: SGLang aborts by prefix, so no id may prefix another
+        # ours, fixed length: SGLang aborts by prefix, so no id may prefix another. One SGLang
+        # request per choice (see "n" in the module docstring), each with its own rid.
+        rids = [uuid.uuid4().hex for _ in range(sampling.n)]
         mapper = OutputMapper(
             want_logprobs=sampling.logprobs,
             cumulative=self._cumulative,
@@ -204,30 +253,41 @@ class SGLangEngine:
             prompt_tokens=len(prompt_ids),
             prompt_param=prompt_param(request),
             top_logprobs=top,
+            n=sampling.n,
+            tools=tool_streams(self._make_tool_parser, sampling),
         )
         extra = {"top_logprobs_num": top} if top else {}  # only when asked: the call is unchanged otherwise
-
-        def open_stream() -> Awaitable[AsyncIterator[dict[str, Any]]]:
-            return engine.async_generate(
-                input_ids=prompt_ids,
-                sampling_params=params,
-                return_logprob=sampling.logprobs,
-                stream=True,
-                rid=rid,
-                **extra,
-            )
-
-        async def abort() -> None:
-            engine.tokenizer_manager.abort_request(rid=rid)
-
         translate = functools.partial(translate_error, prompt_param=prompt_param(request))
-        outputs = drive_stream(open_stream, is_final=is_final, abort=abort, translate=translate)
+
+        def choice_stream(index: int) -> AsyncIterator[dict[str, Any]]:
+            rid = rids[index]
+
+            def open_stream() -> Awaitable[AsyncIterator[dict[str, Any]]]:
+                return engine.async_generate(
+                    input_ids=prompt_ids,
+                    sampling_params=choice_params(params, index),
+                    return_logprob=sampling.logprobs,
+                    stream=True,
+                    rid=rid,
+                    **extra,
+                )
+
+            async def abort() -> None:
+                engine.tokenizer_manager.abort_request(rid=rid)
+
+            return drive_stream(open_stream, is_final=is_final, abort=abort, translate=translate)
+
+        async def abort_all() -> None:
+            for rid in rids:  # a no-op for a choice that already finished (its rid is no longer live)
+                engine.tokenizer_manager.abort_request(rid=rid)
+
+        outputs = merge_streams([choice_stream(i) for i in range(sampling.n)], abort_all=abort_all)
         try:
-            async for output in outputs:
-                for chunk in mapper.feed(output):
+            async for index, output in outputs:
+                for chunk in mapper.feed(output, index):
                     yield chunk
         finally:
-            await outputs.aclose()  # runs drive_stream's abort when we stop early
+            await outputs.aclose()  # closes every choice's stream: drive_stream aborts the unfinished ones
 
     async def check_health(self) -> None:
         """Generates one token, as SGLang's ``/health_generate`` does. Raises
@@ -263,6 +323,13 @@ class SGLangEngine:
             await asyncio.to_thread(engine.shutdown)
         except Exception as exc:
             raise EngineError(f"SGLang shutdown failed: {exc}") from exc
+
+    def _make_tool_parser(self, tools: tuple[dict[str, Any], ...]) -> Any:
+        assert self.config.tool_parser is not None
+        try:
+            return self._tool_parser_factory(self.config.tool_parser, tools)
+        except (ImportError, ValueError) as exc:  # SGLang: "Unsupported tool_call_parser"
+            raise EngineError(f"SGLang tool parser {self.config.tool_parser!r}: {exc}") from exc
 
     def _require_started(self) -> SGLangEngineLike:
         if self._engine is None:

@@ -12,7 +12,17 @@ from cluster.config import SGLangEngineConfig
 from cluster.errors import EngineError, EngineUnavailableError, RateLimitedError, SLMError
 from cluster.types import FinishReason, GenerationChunk, SamplingParams, TokenLogprob, Usage
 from deployments.engines.common import penalty_kwargs
-from deployments.engines.gpu_common import ChunkAssembler, check_seed, invalid_request
+from deployments.engines.gpu_common import SEED_MAX, Choices, check_seed, invalid_request
+from deployments.engines.tool_calls import (
+    DetectorToolStream,
+    NamedCallStream,
+    RequiredCallsStream,
+    ToolChoices,
+    ToolStream,
+    forced_schema,
+    named_function,
+    tool_mode,
+)
 
 
 def engine_kwargs(config: SGLangEngineConfig) -> dict[str, Any]:
@@ -58,7 +68,24 @@ def sampling_params(sampling: SamplingParams) -> dict[str, Any]:
         # SGLang constrains decoding to a JSON schema given as a string; json_object is any object
         schema = fmt["json_schema"].get("schema") if fmt["type"] == "json_schema" else None
         params["json_schema"] = json.dumps(schema or {"type": "object"})
+    forced = forced_schema(sampling)
+    if forced is not None:  # a forced tool call wins over response_format (deployments/engines/tool_calls.py)
+        params["json_schema"] = json.dumps(forced)
     return params
+
+
+def tool_streams(make_parser: Callable[[tuple[dict[str, Any], ...]], Any] | None, sampling: SamplingParams) -> list[ToolStream]:
+    """One ``ToolStream`` per choice for the request's ``tool_choice`` (none without tools or
+    with ``"none"``); ``make_parser(tools)``: a fresh SGLang ``FunctionCallParser``."""
+    mode = tool_mode(sampling)
+    if mode is None:
+        return []
+    if mode == "named":
+        return [NamedCallStream(named_function(sampling)["name"]) for _ in range(sampling.n)]
+    if mode == "required":
+        return [RequiredCallsStream() for _ in range(sampling.n)]
+    assert make_parser is not None  # the capabilities refused tools otherwise
+    return [DetectorToolStream(make_parser(sampling.tools)) for _ in range(sampling.n)]
 
 
 def _error_for_status(status: int, message: str, prompt_param: str = "messages") -> SLMError:
@@ -109,8 +136,23 @@ def is_final(output: Mapping[str, Any]) -> bool:
     return (output.get("meta_info") or {}).get("finish_reason") is not None
 
 
+def choice_params(params: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """Choice ``index``'s sampling params when the adapter fans ``n`` out itself: a seeded
+    request seeds choice i with seed + i (vLLM's and current SGLang's own rule for ``n``),
+    seed - i where that would leave int64."""
+    out = dict(params)
+    seed = out.get("sampling_seed")
+    if seed is not None and index:
+        out["sampling_seed"] = seed + index if seed + index <= SEED_MAX else seed - index
+    return out
+
+
 class OutputMapper:
     """Maps one request's output dicts to chunks, turning cumulative text into deltas.
+
+    ``n`` choices: ``feed(output, index)`` takes choice ``index``'s outputs (the adapter runs
+    one SGLang request per choice); one final chunk once every choice finished, with usage
+    counting the prompt once and every choice's completion tokens.
 
     ``top_logprobs``: how many alternatives each ``TokenLogprob`` carries, from
     ``meta_info["output_top_logprobs"]`` (per position, ``(logprob, token_id, text_or_None)``
@@ -127,6 +169,8 @@ class OutputMapper:
         prompt_tokens: int,
         prompt_param: str = "messages",
         top_logprobs: int = 0,
+        n: int = 1,
+        tools: Sequence[ToolStream] = (),
     ) -> None:
         self._want_logprobs = want_logprobs
         self._top = top_logprobs
@@ -135,39 +179,49 @@ class OutputMapper:
         self._decode = decode
         self._prompt_tokens = prompt_tokens
         self._prompt_param = prompt_param
-        self._text_seen = 0
-        self._logprobs_seen = 0
-        self._assembler = ChunkAssembler(stops)
+        self._text_seen = [0] * n
+        self._logprobs_seen = [0] * n
+        self._completion_tokens = [0] * n
+        self._choices = Choices(n, stops)
+        self._tools = ToolChoices(tools)
 
-    def feed(self, output: Mapping[str, Any]) -> list[GenerationChunk]:
+    def feed(self, output: Mapping[str, Any], index: int = 0) -> list[GenerationChunk]:
         meta = output.get("meta_info") or {}
-        chunk = self._assembler.delta(self._new_text(output.get("text") or ""), self._new_logprobs(meta))
-        chunks = [chunk] if chunk is not None else []
+        text, logprobs, calls = self._new_text(index, output.get("text") or ""), self._new_logprobs(index, meta), []
+        if self._tools:
+            text, logprobs, calls = self._tools.split(index, text, (), logprobs)
+        chunks = self._choices.delta(index, text, logprobs) + calls
         reason = meta.get("finish_reason")
         if reason is not None:
-            usage = Usage(
-                prompt_tokens=int(meta.get("prompt_tokens", self._prompt_tokens)),
-                completion_tokens=int(meta.get("completion_tokens", 0)),
-            )
+            self._prompt_tokens = int(meta.get("prompt_tokens", self._prompt_tokens))
+            self._completion_tokens[index] = int(meta.get("completion_tokens", 0))
             matched = reason.get("matched") if isinstance(reason, Mapping) else None
             ours = finish_reason(reason, prompt_param=self._prompt_param)
-            chunks += self._assembler.final(ours, usage, matched_stop=matched if isinstance(matched, str) else None)
+            called = False
+            if self._tools:
+                held, owed, called = self._tools.close(index)
+                chunks += self._choices.delta(index, held) + owed
+            chunks += self._choices.finish(index, ours, matched_stop=matched if isinstance(matched, str) else None)
+            if called:
+                self._choices.set_reason(index, "tool_calls")
+            if self._choices.done:
+                chunks.append(self._choices.final(Usage(prompt_tokens=self._prompt_tokens, completion_tokens=sum(self._completion_tokens))))
         return chunks
 
-    def _new_text(self, text: str) -> str:
+    def _new_text(self, index: int, text: str) -> str:
         if not self._cumulative:
             return text
-        delta = text[self._text_seen :]
-        self._text_seen = max(self._text_seen, len(text))
+        delta = text[self._text_seen[index] :]
+        self._text_seen[index] = max(self._text_seen[index], len(text))
         return delta
 
-    def _new_logprobs(self, meta: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
+    def _new_logprobs(self, index: int, meta: Mapping[str, Any]) -> tuple[TokenLogprob, ...]:
         if not self._want_logprobs:
             return ()
         entries = list(meta.get("output_token_logprobs") or ())
         tops = list(meta.get("output_top_logprobs") or ()) if self._top else []
-        seen = self._logprobs_seen if self._cumulative else 0
-        self._logprobs_seen = max(seen, len(entries))
+        seen = self._logprobs_seen[index] if self._cumulative else 0
+        self._logprobs_seen[index] = max(seen, len(entries))
         entries, tops = entries[seen:], tops[seen:]
         return tuple(
             TokenLogprob(token=self._text(token_id, text), logprob=float(logprob),

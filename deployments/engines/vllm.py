@@ -6,7 +6,8 @@ mapping is pure functions over duck-typed vLLM objects, and the engine object is
 (``engine_factory=``), so the tests run on ``tests/fakes/vllm_engine.py``. Chat templating and
 tokenisation run on one worker thread per engine (``TokenizerThread``), off the event loop.
 
-API facts relied on (vLLM >= 0.10, checked against current main):
+API facts relied on (vLLM >= 0.10, checked against current main; the pure mapping is in
+``deployments/engines/vllm_mapping.py``):
 - ``vllm.v1.engine.async_llm.AsyncLLM.from_engine_args(vllm.engine.arg_utils.AsyncEngineArgs(...))``.
 - ``AsyncLLM.generate(prompt, sampling_params, request_id)``: an async generator of
   ``vllm.outputs.RequestOutput`` (``.prompt_token_ids``, ``.finished``, ``.outputs[0]``: a
@@ -39,6 +40,21 @@ API facts relied on (vLLM >= 0.10, checked against current main):
 - ``check_health()`` raises ``EngineDeadError`` (``vllm.v1.engine.exceptions``) once the engine
   core died; ``shutdown()`` is synchronous; ``get_tokenizer()`` is synchronous on current vLLM
   and a coroutine on older releases (both handled).
+- ``SamplingParams(n=k)`` (checked against vLLM main, ``vllm/v1/engine/parallel_sampling.py``
+  and ``vllm/outputs.py``): ``AsyncLLM`` runs k child requests (``{i}_{request_id}``, seed + i
+  each when seeded) and streams them through one collector. In DELTA mode each
+  ``RequestOutput`` holds the ``CompletionOutput``s of the children that produced something
+  since the consumer last read (``RequestOutput.add`` merges queued deltas by ``.index``), so
+  a choice can be missing from an output; a child's ``finish_reason`` arrives when that child
+  ends, ``finished`` only when the last one has; a finished child is not sent again.
+  ``abort(request_id)`` aborts the children too.
+- Tool calling (``tool_parser`` in the config): vLLM's ``ToolParserManager.get_tool_parser(name)``
+  (``vllm.tool_parsers`` on current main; ``vllm.entrypoints.openai.tool_parsers`` up to 0.11)
+  gives a ``ToolParser`` class; one instance per choice (they keep per-answer state) reads the
+  deltas with ``extract_tool_calls_streaming(...)`` and a ``ChatCompletionRequest``
+  (``vllm.entrypoints.openai.chat_completion.protocol`` on main, ``...openai.protocol`` before)
+  built from the request's tools. ``adjust_request`` may ask for ``skip_special_tokens=False``.
+  The tools also go to the chat template (``tools=``). See ``deployments/engines/tool_calls.py``.
 - Request validation raises ``vllm.exceptions.VLLMValidationError`` (a ``ValueError`` on older
   releases, a ``VLLMClientError`` on newer), e.g. "The decoder prompt (length N) is longer than
   the maximum model length of M"; other failures inside ``generate`` arrive wrapped in
@@ -53,39 +69,49 @@ import inspect
 import uuid
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from cluster.capabilities import engine_params, refuse_unsupported
 from cluster.config import VLLMEngineConfig
 from cluster.errors import EngineError, EngineUnavailableError, SLMError
-from cluster.types import (
-    EngineCapabilities,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    SamplingParams,
-    TokenLogprob,
-    Usage,
-)
-from deployments.engines.common import penalty_kwargs
+from cluster.types import EngineCapabilities, GenerationChunk, GenerationRequest
 from deployments.engines.gpu_common import (
     ChatTokenizer,
-    ChunkAssembler,
     TokenizerThread,
-    check_seed,
     drive_stream,
-    has_class_named,
-    invalid_request,
     prompt_param,
     request_prompt_ids,
 )
 
-_INSTALL_HINT = "pip install 'slm-cluster[vllm]'"
+# The pure mapping lives in vllm_mapping; its public names are re-exported here, where
+# callers and tests have always found them.
+from deployments.engines.vllm_mapping import (
+    ToolParserFactory,
+    _OutputMapper,
+    engine_args_kwargs,
+    finish_reason,
+    is_final,
+    sampling_kwargs,
+    structured_outputs,
+    token_logprobs,
+    tool_streams,
+    translate_error,
+)
 
-# vLLM's finish reasons -> ours. "repetition" (a repetition detector ended the answer) is a
-# natural stop, not a cut. "abort" (the engine dropped the request; we never see our own
-# aborts: the stream is closed by then) and "error" are raised by ``finish_reason``.
-_FINISH = {"stop": "stop", "length": "length", "repetition": "stop"}
+__all__ = [
+    "VLLMBackend",
+    "VLLMEngine",
+    "engine_args_kwargs",
+    "finish_reason",
+    "is_final",
+    "load_vllm_backend",
+    "sampling_kwargs",
+    "structured_outputs",
+    "token_logprobs",
+    "translate_error",
+]
+
+_INSTALL_HINT = "pip install 'slm-cluster[vllm]'"
 
 
 class AsyncLLMLike(Protocol):
@@ -104,144 +130,12 @@ class AsyncLLMLike(Protocol):
 
 @dataclass
 class VLLMBackend:
-    """A started engine plus the way to build its ``SamplingParams`` from our kwargs."""
+    """A started engine plus the way to build its ``SamplingParams`` from our kwargs, and,
+    when the version names a ``tool_parser``, the way to make one parser per choice."""
 
     llm: AsyncLLMLike
     make_sampling_params: Callable[[dict[str, Any]], Any]
-
-
-# --- pure mapping ----------------------------------------------------------------------
-
-
-def engine_args_kwargs(config: VLLMEngineConfig) -> dict[str, Any]:
-    """``AsyncEngineArgs`` keyword arguments for ``config``; ``extra_engine_args`` win."""
-    kwargs: dict[str, Any] = {
-        "model": config.model,
-        "tensor_parallel_size": config.tensor_parallel_size,
-        "gpu_memory_utilization": config.gpu_memory_utilization,
-        "dtype": config.dtype,
-        "enforce_eager": config.enforce_eager,
-    }
-    if config.max_model_len is not None:
-        kwargs["max_model_len"] = config.max_model_len
-    if config.quantization is not None:
-        kwargs["quantization"] = config.quantization
-    if config.max_num_seqs is not None:
-        kwargs["max_num_seqs"] = config.max_num_seqs
-    if config.tensor_parallel_size > 1:
-        # Workers as child processes on the replica's own GPUs; inside a Ray actor vLLM would
-        # otherwise pick its Ray executor whenever it finds a placement group.
-        kwargs["distributed_executor_backend"] = "mp"
-    return {**kwargs, **config.extra_engine_args}
-
-
-def sampling_kwargs(sampling: SamplingParams) -> dict[str, Any]:
-    """vLLM ``SamplingParams`` keyword arguments (without ``output_kind``, which the loader
-    pins to DELTA). Unset options are left out so vLLM's defaults apply. A seed outside
-    int64 is an ``InvalidRequestError`` naming ``seed``."""
-    check_seed(sampling.seed)
-    kwargs: dict[str, Any] = {"max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
-    if sampling.stop:
-        kwargs["stop"] = list(sampling.stop)
-    if sampling.seed is not None:
-        kwargs["seed"] = sampling.seed
-    if sampling.logprobs:
-        # 0: the sampled token's logprob alone; k: also the k most likely tokens per position
-        kwargs["logprobs"] = sampling.top_logprobs
-    kwargs.update(penalty_kwargs(sampling, bias_keys_as_str=False))  # vLLM's logit_bias takes int token ids
-    structured = structured_outputs(sampling.response_format)
-    if structured is not None:
-        kwargs["structured_outputs"] = structured  # the loader wraps it in StructuredOutputsParams
-    return kwargs
-
-
-def structured_outputs(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
-    """vLLM's ``StructuredOutputsParams`` fields (vLLM >= 0.12; ``guided_decoding`` before)
-    for OpenAI's ``response_format``: ``json_object`` is any JSON object, ``json_schema``
-    its schema."""
-    if response_format is None or response_format["type"] == "text":
-        return None
-    if response_format["type"] == "json_object":
-        return {"json_object": True}
-    return {"json": response_format["json_schema"].get("schema") or {"type": "object"}}
-
-
-def token_logprobs(token_ids: Sequence[int], logprobs: Sequence[Any] | None, top: int = 0) -> tuple[TokenLogprob, ...]:
-    """One ``TokenLogprob`` per sampled token, from vLLM's per-position ``{id: Logprob}``,
-    with the ``top`` most likely tokens of the position (most likely first) as ``top``."""
-    if not logprobs:
-        return ()
-    out = []
-    for token_id, position in zip(token_ids, logprobs):
-        # The sampled token is always in its position's dict; the fallback only guards
-        # against a library change (and an empty dict yields no logprob rather than a crash).
-        entry = position.get(token_id) or next(iter(position.values()), None)
-        if entry is not None:
-            alternatives = _top_alternatives(position, top) if top else ()
-            out.append(TokenLogprob(token=entry.decoded_token or "", logprob=float(entry.logprob), top=alternatives))
-    return tuple(out)
-
-
-def _top_alternatives(position: Mapping[int, Any], top: int) -> tuple[tuple[str, float], ...]:
-    """The ``top`` most likely tokens of one position. vLLM's dict holds the sampled token
-    (first, with its vocabulary rank, which may be above ``top``) and the top-k by rank;
-    ordering by logprob leaves out a sampled token that is not among the k, as OpenAI does."""
-    best = sorted(position.values(), key=lambda e: float(e.logprob), reverse=True)[:top]
-    return tuple((e.decoded_token or "", float(e.logprob)) for e in best)
-
-
-def finish_reason(reason: str | None) -> FinishReason:
-    """Our finish reason for vLLM's. "abort" (the engine dropped the request) is
-    ``EngineUnavailableError`` (503, retryable); "error" or anything new is ``EngineError``."""
-    if reason == "abort":
-        raise EngineUnavailableError("vLLM aborted the request (engine-side abort); retry it")
-    mapped = _FINISH.get(str(reason))
-    if mapped is None:
-        raise EngineError(f"vLLM ended the request with finish_reason={reason!r}")
-    return mapped  # type: ignore[return-value]
-
-
-def translate_error(exc: Exception, *, prompt_param: str = "messages") -> SLMError:
-    """The typed error for an exception raised by ``AsyncLLM.generate``; a context-length
-    400 names ``prompt_param`` (``prompt`` for a raw prompt)."""
-    if isinstance(exc, SLMError):
-        return exc
-    if has_class_named(exc, "EngineDeadError", "AsyncEngineDeadError"):
-        return EngineUnavailableError(f"vLLM engine is dead: {exc}")
-    # vLLM's own convention: validation failures are ValueErrors (VLLMValidationError); they
-    # come straight from generate(), while its internal failures arrive as EngineGenerateError.
-    if has_class_named(exc, "VLLMClientError", "VLLMValidationError") or type(exc) is ValueError:
-        return invalid_request(str(exc), prompt_param=prompt_param)
-    return EngineError(f"vLLM generation failed: {type(exc).__name__}: {exc}")
-
-
-class _OutputMapper:
-    """Maps one request's DELTA ``RequestOutput``s to chunks and keeps its usage."""
-
-    def __init__(self, *, want_logprobs: bool, prompt_tokens: int, top_logprobs: int = 0) -> None:
-        self._want_logprobs = want_logprobs
-        self._top = top_logprobs
-        self._prompt_tokens = prompt_tokens
-        self._completion_tokens = 0
-        self._assembler = ChunkAssembler()  # vLLM enforces stop strings itself
-
-    def feed(self, output: Any) -> list[GenerationChunk]:
-        completion = output.outputs[0]
-        token_ids = list(completion.token_ids)
-        self._completion_tokens += len(token_ids)
-        if output.prompt_token_ids is not None:
-            self._prompt_tokens = len(output.prompt_token_ids)
-        logprobs = token_logprobs(token_ids, completion.logprobs, self._top) if self._want_logprobs else ()
-        chunk = self._assembler.delta(completion.text, logprobs)
-        chunks = [chunk] if chunk is not None else []
-        if is_final(output):
-            usage = Usage(prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens)
-            chunks += self._assembler.final(finish_reason(completion.finish_reason), usage)
-        return chunks
-
-
-def is_final(output: Any) -> bool:
-    return bool(output.finished) or output.outputs[0].finish_reason is not None
+    make_tool_parser: ToolParserFactory | None = None
 
 
 # --- the adapter -----------------------------------------------------------------------
@@ -256,7 +150,9 @@ def load_vllm_backend(config: VLLMEngineConfig) -> VLLMBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
     except ImportError as exc:
         raise EngineUnavailableError(f"vLLM is not installed ({exc}); {_INSTALL_HINT}") from exc
+    parsers = load_tool_parser_factory(config.tool_parser) if config.tool_parser else None  # a bad name fails before the model loads
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args_kwargs(config)))
+
     def make(kw: dict[str, Any]) -> Any:
         if "structured_outputs" in kw:
             from vllm.sampling_params import StructuredOutputsParams
@@ -264,7 +160,45 @@ def load_vllm_backend(config: VLLMEngineConfig) -> VLLMBackend:
             kw = {**kw, "structured_outputs": StructuredOutputsParams(**kw["structured_outputs"])}
         return VLLMSamplingParams(**kw, output_kind=RequestOutputKind.DELTA)
 
-    return VLLMBackend(llm=llm, make_sampling_params=make)
+    return VLLMBackend(llm=llm, make_sampling_params=make, make_tool_parser=parsers)
+
+
+def load_tool_parser_factory(name: str) -> ToolParserFactory:
+    """vLLM's registered tool parser ``name`` (``ToolParserManager.get_tool_parser``; in
+    ``vllm.tool_parsers`` on current main, ``vllm.entrypoints.openai.tool_parsers`` up to 0.11),
+    as a factory of one parser per choice with the ``ChatCompletionRequest`` it reads. The
+    parser's ``adjust_request`` may ask for special tokens in the text (its call markers):
+    that comes back as a ``skip_special_tokens`` override of the sampling options."""
+    try:
+        from vllm.tool_parsers import ToolParserManager
+    except ImportError:
+        from vllm.entrypoints.openai.tool_parsers import ToolParserManager
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    except ImportError:
+        from vllm.entrypoints.openai.protocol import ChatCompletionRequest
+    try:
+        parser_cls = ToolParserManager.get_tool_parser(name)
+    except KeyError as exc:
+        raise EngineError(f"vLLM has no tool parser named {name!r}: {exc}") from exc
+
+    def make(tokenizer: Any, tools: tuple[dict[str, Any], ...], tool_choice: Any) -> tuple[Any, Any, dict[str, Any]]:
+        request = ChatCompletionRequest(model="slm-cluster", messages=[{"role": "user", "content": ""}],
+                                        tools=list(tools), tool_choice=tool_choice or "auto")
+        parser = parser_cls(tokenizer)
+        request = parser.adjust_request(request)
+        overrides = {} if getattr(request, "skip_special_tokens", True) else {"skip_special_tokens": False}
+        return parser, request, overrides
+
+    return make
+
+
+def version_capabilities(config: VLLMEngineConfig) -> EngineCapabilities:
+    """What this version honours: the ``vllm`` row, less tools without a ``tool_parser``."""
+    params = engine_params("vllm")
+    if getattr(config, "tool_parser", None) is None:
+        params = params - {"tools", "tool_choice"}
+    return EngineCapabilities(streaming=True, logprobs=True, raw_prompt=True, params=params)
 
 
 class VLLMEngine:
@@ -285,6 +219,9 @@ class VLLMEngine:
     ) -> None:
         self.config = config
         self.system_prompt = system_prompt
+        # tools need a parser of the model's call format: without one, tools and tool_choice
+        # are refused (400) like any parameter the engine cannot honour
+        self.capabilities = version_capabilities(config)
         self._factory = engine_factory
         self._backend: VLLMBackend | None = None
         self._tokenizer: ChatTokenizer | None = None
@@ -319,16 +256,18 @@ class VLLMEngine:
         backend, tokenizer = self._require_started()
         refuse_unsupported(self.capabilities, request, "vllm")
         translate = functools.partial(translate_error, prompt_param=prompt_param(request))
+        sampling = request.sampling
+        tools, overrides = tool_streams(backend.make_tool_parser, tokenizer, sampling)
         try:  # vLLM validates sampling options when the object is built
-            params = backend.make_sampling_params(sampling_kwargs(request.sampling))
+            params = backend.make_sampling_params({**sampling_kwargs(sampling), **overrides})
         except Exception as exc:
             raise translate(exc) from exc
         assert self._tokenizer_thread is not None
         # A raw prompt (/v1/completions) is the client's text as is: no template, no system prompt.
         prompt_ids = await self._tokenizer_thread.run(request_prompt_ids, tokenizer, request, self.system_prompt)
         engine_id = uuid.uuid4().hex  # ours and unique per attempt, never the client's id
-        sampling = request.sampling
-        mapper = _OutputMapper(want_logprobs=sampling.logprobs, prompt_tokens=len(prompt_ids), top_logprobs=sampling.top_logprobs)
+        mapper = _OutputMapper(want_logprobs=sampling.logprobs, prompt_tokens=len(prompt_ids), top_logprobs=sampling.top_logprobs,
+                               n=sampling.n, tools=tools)
 
         async def open_stream() -> AsyncIterator[Any]:
             return backend.llm.generate({"prompt_token_ids": prompt_ids}, params, engine_id)
@@ -336,7 +275,7 @@ class VLLMEngine:
         async def abort() -> None:
             await backend.llm.abort(engine_id)
 
-        outputs = drive_stream(open_stream, is_final=is_final, abort=abort, translate=translate)
+        outputs = drive_stream(open_stream, is_final=mapper.is_final, abort=abort, translate=translate)
         try:
             async for output in outputs:
                 for chunk in mapper.feed(output):

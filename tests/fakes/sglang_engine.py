@@ -30,12 +30,16 @@ What it models, from SGLang's source (``srt/entrypoints/engine.py``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import re
 import signal
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from tests.fakes.chat_tokenizer import ANSWER_WORDS, FakeChatTokenizer, answer_ids
+from tests.fakes.vllm_engine import ToolsChatTokenizer, fill
 
 # The ServerArgs fields the adapter may pass (all real SGLang names).
 SERVER_ARGS = frozenset({
@@ -55,7 +59,7 @@ class _Request:
 
 class FakeTokenizerManager:
     def __init__(self, engine: "FakeSGLangEngine") -> None:
-        self.tokenizer = FakeChatTokenizer()
+        self.tokenizer: FakeChatTokenizer = ToolsChatTokenizer()
         self.rid_to_state: dict[str, _Request] = {}
         self._engine = engine
 
@@ -71,7 +75,8 @@ class FakeTokenizerManager:
 
 
 class FakeSGLangEngine:
-    def __init__(self, *, answer_tokens: int = 48, token_delay_s: float = 0.001, **server_args: Any) -> None:
+    def __init__(self, *, answer_tokens: int = 48, token_delay_s: float = 0.001,
+                 script: Callable[[list[int], dict[str, Any]], str | None] | None = None, **server_args: Any) -> None:
         unknown = set(server_args) - SERVER_ARGS
         if unknown:
             raise TypeError(f"ServerArgs.__init__() got unexpected keyword arguments {sorted(unknown)}")
@@ -82,6 +87,7 @@ class FakeSGLangEngine:
         self.context_length = int(server_args.get("context_length") or 2048)
         self.answer_tokens = answer_tokens
         self.token_delay_s = token_delay_s
+        self.script = script  # (prompt ids, sampling params) -> the answer's text, or None for the usual words
         signal.signal(signal.SIGQUIT, signal.getsignal(signal.SIGQUIT))  # what older SGLang does, unguarded
         self.tokenizer_manager = FakeTokenizerManager(self)
         self.scheduled: dict[str, _Request] = {}
@@ -136,7 +142,13 @@ class FakeSGLangEngine:
     ) -> AsyncIterator[dict[str, Any]]:
         tokenizer = self.tokenizer_manager.tokenizer
         temperature = float(params.get("temperature", 1.0))
-        answer = answer_ids(tokenizer, prompt_ids, self.answer_tokens, params.get("sampling_seed") if temperature > 0 else None)
+        text = self.script(prompt_ids, params) if self.script is not None else None
+        if text is None and params.get("json_schema"):  # decoding held to the schema
+            text = json.dumps(fill(json.loads(params["json_schema"])))
+        if text is not None:
+            answer = [tokenizer.token_id(word) for word in text.split()]
+        else:
+            answer = answer_ids(tokenizer, prompt_ids, self.answer_tokens, params.get("sampling_seed") if temperature > 0 else None)
         answer.append(tokenizer.eos_token_id)
         max_new = int(params.get("max_new_tokens", 128))
         stops = list(params.get("stop") or ())
@@ -206,3 +218,96 @@ class FakeSGLangEngine:
             if lps[1] is not None:
                 meta["output_top_logprobs"] = list(lps[1])
         return {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+
+# --- SGLang's function calling (srt/function_call/function_call_parser.py, hermes_detector.py) ---
+
+
+@dataclass
+class ToolCallItem:
+    tool_index: int
+    name: str | None = None
+    parameters: str = ""
+
+
+@dataclass
+class _Detector:
+    prev_tool_call_arr: list[dict[str, Any]] = field(default_factory=list)
+    streamed_args_for_tool: list[str] = field(default_factory=list)
+    current_tool_id: int = -1
+
+
+class FakeFunctionCallParser:
+    """Plays SGLang's ``FunctionCallParser`` over its ``HermesDetector``
+    (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``): ``parse_stream_chunk(text)``
+    buffers and returns (normal text, ``ToolCallItem``s): the name alone on a call's first item
+    (``parameters=""``), then argument characters as they come, the last two held back while
+    the call is open; the previous call's rest goes out when the next starts, the last call's
+    rest never (SGLang's server sends it from ``detector.prev_tool_call_arr`` against
+    ``streamed_args_for_tool``). ``parse_stream_end()`` releases held-back normal text. An unknown
+    parser name is a ``ValueError``, as SGLang's."""
+
+    START, END = "<tool_call>", "</tool_call>"
+    NAMES = frozenset({"hermes", "qwen25"})
+
+    def __init__(self, tools: list[Any], tool_call_parser: str) -> None:
+        if tool_call_parser not in self.NAMES:
+            raise ValueError(f"Unsupported tool_call_parser: {tool_call_parser}")
+        self.tools = tools
+        self.detector = _Detector()
+        self._buffer = ""
+        self._normal_sent = 0
+
+    def parse_stream_chunk(self, chunk_text: str) -> tuple[str, list[ToolCallItem]]:
+        self._buffer += chunk_text
+        d = self.detector
+        if self.START not in self._buffer:
+            keep = len(self._buffer) - max((k for k in range(1, len(self.START)) if self._buffer.endswith(self.START[:k])), default=0)
+            normal, self._normal_sent = self._buffer[self._normal_sent : keep], keep
+            return normal, []
+        head = self._buffer.index(self.START)
+        normal, self._normal_sent = self._buffer[self._normal_sent : head], max(self._normal_sent, head)
+        items: list[ToolCallItem] = []
+        segments = self._buffer.split(self.START)[1:]
+        for index, segment in enumerate(segments):
+            body = segment.split(self.END)[0].strip()
+            if index > d.current_tool_id:
+                name = re.search(r'"name":\s*"([^"]+)"', body)
+                if name is None:
+                    break
+                if d.current_tool_id >= 0:
+                    items += self._rest(d.current_tool_id)
+                d.current_tool_id = index
+                d.streamed_args_for_tool.append("")
+                d.prev_tool_call_arr.append({"name": name.group(1), "arguments": {}})
+                items.append(ToolCallItem(index, name=name.group(1), parameters=""))
+            if index == d.current_tool_id:
+                args = re.search(r'"arguments":\s*(.*)', body, re.S)
+                if args is not None:
+                    raw = args.group(1)[:-1] if self.END in segment else args.group(1)
+                    if self.END in segment:
+                        with contextlib.suppress(ValueError):
+                            d.prev_tool_call_arr[index]["arguments"] = json.loads(raw)
+                    new = raw[:-2][len(d.streamed_args_for_tool[index]) :]
+                    if new:
+                        d.streamed_args_for_tool[index] += new
+                        items.append(ToolCallItem(index, parameters=new))
+        return normal, items
+
+    def parse_stream_end(self) -> tuple[str, list[ToolCallItem]]:
+        if self.START in self._buffer:
+            return "", []
+        normal, self._normal_sent = self._buffer[self._normal_sent :], len(self._buffer)
+        return normal, []
+
+    def _rest(self, index: int) -> list[ToolCallItem]:
+        d = self.detector
+        full = json.dumps(d.prev_tool_call_arr[index]["arguments"])
+        rest = full[len(d.streamed_args_for_tool[index]) :]
+        d.streamed_args_for_tool[index] = full
+        return [ToolCallItem(index, parameters=rest)] if rest else []
+
+
+def fake_function_call_parser(name: str, tools: tuple[dict[str, Any], ...]) -> FakeFunctionCallParser:
+    """What ``load_function_call_parser`` returns, minus SGLang."""
+    return FakeFunctionCallParser(list(tools), name)

@@ -29,9 +29,12 @@ What it models, from vLLM's source:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from cluster.config import VLLMEngineConfig
 from deployments.engines.vllm import VLLMBackend
@@ -90,6 +93,8 @@ class FakeSamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     structured_outputs: dict[str, Any] | None = None  # the real one takes StructuredOutputsParams
+    n: int = 1
+    skip_special_tokens: bool = True
     output_kind: str = "CUMULATIVE"
 
     def __post_init__(self) -> None:
@@ -104,11 +109,15 @@ class FakeSamplingParams:
                 raise VLLMValidationError(f"{name} must be in [-2, 2], got {getattr(self, name)}.")
         if self.logprobs is not None and self.logprobs < 0:
             raise VLLMValidationError(f"logprobs must be non-negative, got {self.logprobs}.")
+        if self.n < 1:
+            raise VLLMValidationError(f"n must be at least 1, got {self.n}.")
 
 
 class FakeAsyncLLM:
-    def __init__(self, *, max_model_len: int = 2048, answer_tokens: int = 48, token_delay_s: float = 0.001) -> None:
-        self.tokenizer = FakeChatTokenizer()
+    def __init__(self, *, max_model_len: int = 2048, answer_tokens: int = 48, token_delay_s: float = 0.001,
+                 script: Callable[[list[int], FakeSamplingParams, int], str | None] | None = None) -> None:
+        self.tokenizer = ToolsChatTokenizer()
+        self.script = script  # (prompt ids, params, choice index) -> the answer's text, or None for the usual words
         self.max_model_len = max_model_len
         self.max_logprobs = 20  # ModelConfig.max_logprobs
         self.answer_tokens = answer_tokens
@@ -177,41 +186,70 @@ class FakeAsyncLLM:
             self.running.pop(request_id, None)
 
     async def _steps(self, prompt_ids: list[int], params: FakeSamplingParams, rid: str, flag: asyncio.Event) -> AsyncIterator[RequestOutput]:
+        """One ``RequestOutput`` per engine step. With ``n`` > 1 vLLM runs n child requests
+        (``{i}_{rid}``, seed + i each) and a step's output holds only the children that made a
+        token in it (here: even children every step, odd ones every other step, as when the
+        scheduler cannot fit all of them), each ``CompletionOutput`` tagged with its ``index``;
+        a child that finished is not sent again, and ``finished`` waits for the last one."""
         if params.seed is not None and not -(2**63) <= params.seed < 2**63:
             raise EngineGenerateError("RuntimeError: Overflow when unpacking long")  # torch.Generator.manual_seed
-        answer = answer_ids(self.tokenizer, prompt_ids, self.answer_tokens, params.seed if params.temperature > 0 else None)
-        answer.append(self.tokenizer.eos_token_id)
+        children = [_Child(i, self._answer(prompt_ids, params, i)) for i in range(params.n)]
         delta = params.output_kind == "DELTA"
-        text_so_far, ids_so_far, lps_so_far = "", [], []
-        for n, token in enumerate(answer[: params.max_tokens], start=1):
+        step = 0
+        while True:
+            step += 1
             await asyncio.sleep(self.token_delay_s)
             if flag.is_set():
                 if self.dead:
                     raise EngineDeadError("EngineCore encountered an issue.")
-                yield self._output(rid, prompt_ids, "", [], None, "abort", None)
+                aborted = [CompletionOutput(c.index, "", [], None, None, "abort") for c in children if c.finish is None]
+                yield RequestOutput(rid, None, prompt_ids, None, aborted, True)
                 return
-            piece = "" if token == self.tokenizer.eos_token_id else self.tokenizer.token_text(token)
-            lp = self._position(n, token, piece, params.logprobs) if params.logprobs is not None else None
-            finish, stop_reason = None, None
-            hit = next((s for s in params.stop if s in text_so_far + piece), None)
-            if hit is not None:  # vLLM trims the stop string and everything after it
-                cut = (text_so_far + piece).index(hit)
-                piece, finish, stop_reason = (text_so_far + piece)[len(text_so_far) : cut], "stop", hit
-            elif token == self.tokenizer.eos_token_id:
-                finish = "stop"
-            elif n == params.max_tokens:
-                finish = "length"
-            if delta:
-                yield self._output(rid, prompt_ids, piece, [token], [lp] if lp else None, finish, stop_reason)
-            else:
-                text_so_far += piece
-                ids_so_far.append(token)
-                lps_so_far += [lp] if lp else []
-                yield self._output(rid, prompt_ids, text_so_far, list(ids_so_far), list(lps_so_far) or None, finish, stop_reason)
-            if delta:
-                text_so_far += piece
-            if finish is not None:
+            moved = [c for c in children if c.finish is None and (c.index % 2 == 0 or step % 2 == 0)]
+            outputs = [self._advance(c, params, delta) for c in moved]
+            done = all(c.finish is not None for c in children)
+            if outputs:
+                yield RequestOutput(rid, None, prompt_ids, None, outputs, done)
+            if done:
                 return
+
+    def _answer(self, prompt_ids: list[int], params: FakeSamplingParams, index: int) -> list[int]:
+        """Child ``index``'s tokens: the scripted text (``script``), a JSON value of the schema
+        when decoding is held to one (``structured_outputs``), or prompt-derived words; each
+        child's answer is three tokens shorter than the one before, then EOS."""
+        text = self.script(prompt_ids, params, index) if self.script is not None else None
+        schema = (params.structured_outputs or {}).get("json")
+        if text is None and schema is not None:
+            text = json.dumps(fill(schema))
+        if text is not None:
+            answer = [self.tokenizer.token_id(word) for word in text.split()]
+        else:
+            seed = params.seed + index if params.seed is not None and params.temperature > 0 else None
+            answer = answer_ids(self.tokenizer, prompt_ids, max(1, self.answer_tokens - 3 * index), seed)
+        return answer + [self.tokenizer.eos_token_id]
+
+    def _advance(self, child: "_Child", params: FakeSamplingParams, delta: bool) -> CompletionOutput:
+        token = child.answer[child.sent]
+        child.sent += 1
+        n = child.sent
+        piece = "" if token == self.tokenizer.eos_token_id else self.tokenizer.token_text(token)
+        lp = self._position(n, token, piece, params.logprobs) if params.logprobs is not None else None
+        finish, stop_reason = None, None
+        hit = next((s for s in params.stop if s in child.text + piece), None)
+        if hit is not None:  # vLLM trims the stop string and everything after it
+            cut = (child.text + piece).index(hit)
+            piece, finish, stop_reason = (child.text + piece)[len(child.text) : cut], "stop", hit
+        elif token == self.tokenizer.eos_token_id:
+            finish = "stop"
+        elif n == params.max_tokens:
+            finish = "length"
+        child.finish = finish
+        child.text += piece
+        child.ids.append(token)
+        child.lps += [lp] if lp else []
+        if delta:
+            return self._completion(child.index, piece, [token], [lp] if lp else None, finish, stop_reason)
+        return self._completion(child.index, child.text, list(child.ids), list(child.lps) or None, finish, stop_reason)
 
     def _position(self, n: int, token: int, piece: str, k: int) -> dict[int, Logprob]:
         """Position ``n``'s logprobs, built as vLLM V1 does: the sampled token first with its
@@ -232,18 +270,186 @@ class FakeAsyncLLM:
             out[tid] = Logprob(logprob(r), r, piece if tid == token else self.tokenizer.token_text(tid))
         return out
 
-    def _output(self, rid: str, prompt_ids: list[int], text: str, ids: list[int], lps: Any, finish: str | None, stop: Any) -> RequestOutput:
-        if finish == "abort" and rid in self._engine_aborts:
-            self._engine_aborts.discard(rid)
+    @staticmethod
+    def _completion(index: int, text: str, ids: list[int], lps: Any, finish: str | None, stop: Any) -> CompletionOutput:
         cum = sum(p[i].logprob for p, i in zip(lps or [], ids)) if lps else None
-        completion = CompletionOutput(0, text, ids, None if cum is None or math.isnan(cum) else cum, lps, finish, stop)
-        return RequestOutput(rid, None, prompt_ids, None, [completion], finish is not None)
+        return CompletionOutput(index, text, ids, None if cum is None or math.isnan(cum) else cum, lps, finish, stop)
+
+
+@dataclass
+class _Child:
+    index: int
+    answer: list[int]
+    sent: int = 0
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    lps: list[Any] = field(default_factory=list)
+    finish: str | None = None
+
+
+def fill(schema: dict[str, Any]) -> Any:
+    """A value of a (simple) JSON schema, as constrained decoding would make one: the first
+    of ``anyOf``/``enum``, every property, ``minItems`` items (at least one)."""
+    if "anyOf" in schema:
+        return fill({**{k: v for k, v in schema.items() if k != "anyOf"}, **schema["anyOf"][0]})
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        return {name: fill(sub) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [fill(schema.get("items") or {"type": "string"}) for _ in range(max(1, schema.get("minItems", 1)))]
+    return {"string": "Paris", "integer": 1, "number": 1.5, "boolean": True}.get(kind)
+
+
+class ToolsChatTokenizer(FakeChatTokenizer):
+    """The shared fake tokenizer, with a chat template that takes Hugging Face's ``tools=``
+    (it lists the function names after the conversation, as tool-calling templates describe
+    the tools to the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tools_seen: list[list[dict[str, Any]]] = []
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], *, tokenize: bool = True, add_generation_prompt: bool = False,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        text = super().apply_chat_template(conversation, tokenize=tokenize, add_generation_prompt=add_generation_prompt)
+        if tools:
+            self.tools_seen.append(tools)
+            text = f"<|tools|> {' '.join(t['function']['name'] for t in tools)} " + text
+        return text
+
+
+# --- vLLM's tool parsing (vllm/tool_parsers/abstract_tool_parser.py, hermes_tool_parser.py) ---
+
+
+@dataclass
+class DeltaFunctionCall:
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass
+class DeltaToolCall:
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: DeltaFunctionCall | None = None
+
+
+@dataclass
+class DeltaMessage:
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] = field(default_factory=list)
+
+
+@dataclass
+class FakeChatCompletionRequest:
+    tools: list[dict[str, Any]]
+    tool_choice: Any = "auto"
+    skip_special_tokens: bool = True
+
+
+class FakeHermesToolParser:
+    """Plays vLLM's ``Hermes2ProToolParser`` (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``)
+    the way its streaming side behaves, with the base class's state (``prev_tool_call_arr``,
+    ``streamed_args_for_tool``, ``current_tool_id``):
+
+    - text before the first ``<tool_call>`` is content; nothing after it is;
+    - a call's first delta carries ``id``, ``type`` and the function's ``name`` only; its
+      arguments then stream as they are generated, the last two characters held back while
+      the call is open (they may be the closing braces);
+    - when the next call starts, the previous call's held-back arguments go out with it; the
+      LAST call's are never streamed: vLLM's server sends them at the end by comparing
+      ``prev_tool_call_arr`` with ``streamed_args_for_tool`` (what the adapter must do too);
+    - ``adjust_request`` asks for special tokens in the text (``skip_special_tokens=False``),
+      as the real one does when its markers are special tokens.
+    """
+
+    START, END = "<tool_call>", "</tool_call>"
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.model_tokenizer = tokenizer
+        self.prev_tool_call_arr: list[dict[str, Any]] = []
+        self.current_tool_id = -1
+        self.current_tool_name_sent = False
+        self.streamed_args_for_tool: list[str] = []
+        self.calls = 0
+
+    def adjust_request(self, request: FakeChatCompletionRequest) -> FakeChatCompletionRequest:
+        request.skip_special_tokens = False
+        return request
+
+    def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str, previous_token_ids: Any,
+                                     current_token_ids: Any, delta_token_ids: Any, request: FakeChatCompletionRequest) -> DeltaMessage | None:
+        self.calls += 1
+        assert current_text == previous_text + delta_text and list(current_token_ids) == list(previous_token_ids) + list(delta_token_ids)
+        if self.START not in current_text:
+            return DeltaMessage(content=delta_text)
+        content = delta_text.split(self.START)[0] if self.START not in previous_text else ""
+        segments = current_text.split(self.START)[1:]
+        pieces: list[DeltaToolCall] = []
+        for index, segment in enumerate(segments):
+            body = segment.split(self.END)[0].strip()
+            if index > self.current_tool_id:
+                name = re.search(r'"name":\s*"([^"]+)"', body)
+                if name is None:
+                    break
+                if self.current_tool_id >= 0:  # the previous call's held-back arguments
+                    pieces += self._rest(self.current_tool_id, segments[self.current_tool_id])
+                self.current_tool_id = index
+                self.streamed_args_for_tool.append("")
+                self.prev_tool_call_arr.append({"name": name.group(1), "arguments": {}})
+                pieces.append(DeltaToolCall(index, id=f"chatcmpl-tool-{index}", type="function", function=DeltaFunctionCall(name=name.group(1))))
+            if index == self.current_tool_id:
+                args = re.search(r'"arguments":\s*(.*)', body, re.S)
+                if args is not None:
+                    raw = args.group(1)[:-1] if self.END in segment else args.group(1)  # the call object's own closing brace
+                    if self.END in segment:
+                        with contextlib.suppress(ValueError):
+                            self.prev_tool_call_arr[index]["arguments"] = json.loads(raw)
+                    available = raw[:-2]
+                    new = available[len(self.streamed_args_for_tool[index]) :]
+                    if new:
+                        self.streamed_args_for_tool[index] += new
+                        pieces.append(DeltaToolCall(index, function=DeltaFunctionCall(arguments=new)))
+        if not pieces and not content:
+            return None
+        return DeltaMessage(content=content or None, tool_calls=pieces)
+
+    def _rest(self, index: int, segment: str) -> list[DeltaToolCall]:
+        full = json.dumps(self.prev_tool_call_arr[index]["arguments"])
+        rest = full[len(self.streamed_args_for_tool[index]) :]
+        self.streamed_args_for_tool[index] = full
+        return [DeltaToolCall(index, function=DeltaFunctionCall(arguments=rest))] if rest else []
+
+
+TOOL_PARSERS = {"hermes": FakeHermesToolParser}
+
+
+def fake_tool_parser_factory(name: str) -> Any:
+    """What ``load_tool_parser_factory`` returns, over the fake parsers (``KeyError`` for an
+    unknown name, as ``ToolParserManager.get_tool_parser``)."""
+    parser_cls = TOOL_PARSERS[name]
+    made: list[FakeHermesToolParser] = []
+
+    def make(tokenizer: Any, tools: tuple[dict[str, Any], ...], tool_choice: Any) -> tuple[Any, Any, dict[str, Any]]:
+        request = FakeChatCompletionRequest(tools=list(tools), tool_choice=tool_choice or "auto")
+        parser = parser_cls(tokenizer)
+        made.append(parser)
+        request = parser.adjust_request(request)
+        return parser, request, ({} if request.skip_special_tokens else {"skip_special_tokens": False})
+
+    make.made = made  # type: ignore[attr-defined]
+    return make
 
 
 def fake_vllm_backend(config: VLLMEngineConfig | None = None, **knobs: Any) -> VLLMBackend:
     """A ``VLLMBackend`` over ``FakeAsyncLLM``: what ``load_vllm_backend`` returns, minus vLLM.
-    ``knobs`` go to ``FakeAsyncLLM`` (``answer_tokens``, ``token_delay_s``, ``max_model_len``)."""
+    ``knobs`` go to ``FakeAsyncLLM`` (``answer_tokens``, ``token_delay_s``, ``max_model_len``,
+    ``script``); the config's ``tool_parser`` picks a fake parser."""
     if config is not None and config.max_model_len is not None:
         knobs.setdefault("max_model_len", config.max_model_len)
     llm = FakeAsyncLLM(**knobs)
-    return VLLMBackend(llm=llm, make_sampling_params=lambda kw: FakeSamplingParams(**kw, output_kind="DELTA"))
+    parsers = fake_tool_parser_factory(config.tool_parser) if config is not None and config.tool_parser else None
+    return VLLMBackend(llm=llm, make_sampling_params=lambda kw: FakeSamplingParams(**kw, output_kind="DELTA"), make_tool_parser=parsers)

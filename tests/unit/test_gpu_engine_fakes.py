@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,15 @@ import pytest
 import yaml
 
 from cluster.config import SGLangEngineConfig, VLLMEngineConfig
-from cluster.errors import ContextLengthExceededError, EngineUnavailableError, InvalidRequestError
+from cluster.errors import ContextLengthExceededError, EngineError, EngineUnavailableError, InvalidRequestError
 from cluster.loader import resolve_config
-from cluster.types import ChatMessage, GenerationRequest, SamplingParams
+from cluster.types import ChatMessage, GenerationRequest, SamplingParams, Usage
 from deployments.engines.gpu_common import SEED_MAX, SEED_MIN, signal_handlers_guarded
 from deployments.engines.sglang import SGLangEngine, engine_kwargs
 from deployments.engines.vllm import VLLMEngine, engine_args_kwargs, token_logprobs
-from tests.fakes.sglang_engine import SERVER_ARGS, FakeSGLangEngine
+from deployments.gateway.tools import ChoiceParts
+from tests.fakes.chat_tokenizer import answer_ids
+from tests.fakes.sglang_engine import SERVER_ARGS, FakeSGLangEngine, fake_function_call_parser
 from tests.fakes.vllm_engine import FakeAsyncLLM, Logprob, fake_vllm_backend
 
 PROFILES = Path(__file__).resolve().parents[2] / "cluster" / "profiles"
@@ -312,3 +315,266 @@ async def _text(engine: Any, req: GenerationRequest) -> str:
 
 
 
+
+
+# --- n > 1 and tools on vLLM -------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}
+
+
+async def _vllm(tool_parser: str | None = None, **knobs: Any) -> tuple[VLLMEngine, FakeAsyncLLM]:
+    config = VLLMEngineConfig(kind="vllm", model="fake/tiny", tool_parser=tool_parser)
+    engine = VLLMEngine(config, engine_factory=lambda cfg: fake_vllm_backend(cfg, **knobs))
+    await engine.start()
+    return engine, engine._backend.llm  # type: ignore[union-attr,return-value]
+
+
+def _by_index(chunks: list[Any]) -> dict[int, ChoiceParts]:
+    parts: dict[int, ChoiceParts] = {}
+    for chunk in chunks[:-1]:
+        assert chunk.text or chunk.tool_calls, chunk  # every chunk but the last carries something
+        parts.setdefault(chunk.index, ChoiceParts()).add(chunk)
+    return parts
+
+
+async def test_vllm_n_choices_each_with_its_text_finish_and_usage() -> None:
+    engine, llm = await _vllm(answer_tokens=12)
+    req = request(max_tokens=10, n=3, temperature=0.7, seed=5, logprobs=True)
+    chunks = [c async for c in engine.generate(req)]
+    prompt_ids, params, _ = llm.calls[0]
+    assert params.n == 3 and params.seed == 5  # vLLM fans out itself, seed + i per child
+    final = chunks[-1]
+    assert [c for c in chunks if c.is_final] == [final]
+    parts = _by_index(chunks)
+    # choice i: 12 - 3i words, then EOS; max_tokens 10 cuts choice 0 only
+    for i, expected in enumerate([answer_ids(llm.tokenizer, prompt_ids, 12 - 3 * i, 5 + i) for i in range(3)]):
+        assert "".join(parts[i].text) == llm.tokenizer.decode(expected[:10])
+        assert [t for t, _, _ in parts[i].logprobs] == [llm.tokenizer.token_text(t) for t in expected[:10]]
+    assert final.finish_reasons == ("length", "stop", "stop") and final.finish_reason == "length"
+    assert final.usage == Usage(prompt_tokens=len(prompt_ids), completion_tokens=10 + 10 + 7)  # EOS tokens counted, prompt once
+    # odd choices move every other step: some steps carry only some choices, interleaved
+    order = [c.index for c in chunks[:-1]]
+    assert order != sorted(order)
+
+
+async def test_vllm_n_choices_stop_strings_per_choice() -> None:
+    engine, llm = await _vllm(answer_tokens=12)
+    chunks = [c async for c in engine.generate(request(max_tokens=10, n=2, temperature=0.7, seed=1, stop=(" primes",)))]
+    parts = _by_index(chunks)
+    assert all(" primes" not in "".join(p.text) for p in parts.values())
+    assert len(chunks[-1].finish_reasons) == 2
+
+
+async def test_vllm_n_choices_close_early_aborts_all_of_them_once() -> None:
+    engine, llm = await _vllm(token_delay_s=0.005)
+    stream = engine.generate(request(max_tokens=32, n=4))
+    await anext(stream)
+    await stream.aclose()
+    assert llm.aborted == [llm.calls[0][2]] and set(llm.abort_calls) == {llm.calls[0][2]} and llm.running == {}
+
+
+async def test_vllm_n_choices_engine_side_abort_is_a_503() -> None:
+    engine, llm = await _vllm(token_delay_s=0.005)
+    stream = engine.generate(request(max_tokens=32, n=2))
+    await anext(stream)
+    llm.engine_abort(llm.calls[0][2])
+    with pytest.raises(EngineUnavailableError):
+        async for _ in stream:
+            pass
+
+
+def _hermes(*calls: tuple[str, dict[str, Any]], before: str = "") -> str:
+    text = before + "".join(f" <tool_call> {json.dumps({'name': n, 'arguments': a})} </tool_call>" for n, a in calls)
+    return text
+
+
+async def test_vllm_tools_without_a_parser_are_a_400_naming_tools() -> None:
+    engine, llm = await _vllm()
+    assert not {"tools", "tool_choice"} & engine.capabilities.params
+    with pytest.raises(InvalidRequestError) as info:
+        await _text(engine, request(tools=(WEATHER,)))
+    assert (info.value.param, info.value.code, info.value.http_status) == ("tools", "unsupported_parameter", 400)
+    assert llm.calls == []
+
+
+@pytest.mark.parametrize("before", ["", "Let me check."])
+async def test_vllm_tool_parser_turns_the_answer_into_streamed_call_pieces(before: str) -> None:
+    script = _hermes(("weather", {"city": "Paris"}), ("time", {"zone": "CET"}), before=before)
+    engine, llm = await _vllm("hermes", script=lambda ids, params, i: script)
+    assert {"tools", "tool_choice"} <= engine.capabilities.params
+    chunks = [c async for c in engine.generate(request(max_tokens=64, tools=(WEATHER, TIME), tool_choice="auto", logprobs=True))]
+    assert llm.tokenizer.tools_seen == [[WEATHER, TIME]]  # the template described the tools
+    assert llm.calls[0][1].skip_special_tokens is False  # the parser's adjust_request
+    pieces = [p for c in chunks for p in c.tool_calls]
+    assert len(pieces) > 4  # streamed: name first, arguments in several pieces
+    firsts = [p for p in pieces if p.id is not None]
+    assert [(p.index, p.name) for p in firsts] == [(0, "weather"), (1, "time")]
+    assert all(p.name is None for p in pieces if p.id is None)
+    parts = _by_index(chunks)
+    calls = parts[0].tool_calls()
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("weather", {"city": "Paris"}), ("time", {"zone": "CET"})]
+    assert len({c["id"] for c in calls}) == 2
+    assert "".join(parts[0].text).strip() == before
+    assert all("tool_call" not in c.text for c in chunks)
+    assert chunks[-1].finish_reason == "tool_calls"
+
+
+async def test_vllm_tool_parser_per_choice() -> None:
+    script = _hermes(("weather", {"city": "Oslo"}))
+    engine, _ = await _vllm("hermes", script=lambda ids, params, i: script if i == 1 else None, answer_tokens=6)
+    chunks = [c async for c in engine.generate(request(max_tokens=64, n=2, tools=(WEATHER,)))]
+    parts = _by_index(chunks)
+    assert not parts[0].calls and "".join(parts[0].text)
+    assert [json.loads(c["function"]["arguments"]) for c in parts[1].tool_calls()] == [{"city": "Oslo"}]
+    assert chunks[-1].finish_reasons == ("stop", "tool_calls")
+
+
+async def test_vllm_named_tool_choice_constrains_decoding_to_its_parameters() -> None:
+    engine, llm = await _vllm("hermes")
+    choice = {"type": "function", "function": {"name": "weather"}}
+    chunks = [c async for c in engine.generate(request(max_tokens=64, tools=(WEATHER, TIME), tool_choice=choice))]
+    assert llm.calls[0][1].structured_outputs == {"json": WEATHER["function"]["parameters"]}
+    (call,) = _by_index(chunks)[0].tool_calls()
+    assert call["function"]["name"] == "weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert chunks[-1].finish_reason == "tool_calls" and not any(c.text for c in chunks)
+
+
+async def test_vllm_required_tool_choice_is_an_array_of_calls() -> None:
+    engine, llm = await _vllm("hermes")
+    chunks = [c async for c in engine.generate(request(max_tokens=64, tools=(WEATHER, TIME), tool_choice="required"))]
+    schema = llm.calls[0][1].structured_outputs["json"]
+    assert schema["type"] == "array" and [a["properties"]["name"]["enum"] for a in schema["items"]["anyOf"]] == [["weather"], ["time"]]
+    (call,) = _by_index(chunks)[0].tool_calls()
+    assert call["function"]["name"] == "weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert chunks[-1].finish_reason == "tool_calls"
+
+
+async def test_vllm_tool_choice_none_answers_in_text() -> None:
+    engine, llm = await _vllm("hermes", script=lambda ids, params, i: _hermes(("weather", {"city": "Rome"})))
+    chunks = [c async for c in engine.generate(request(max_tokens=64, tools=(WEATHER,), tool_choice="none"))]
+    assert not any(c.tool_calls for c in chunks) and "<tool_call>" in "".join(c.text for c in chunks)
+    assert chunks[-1].finish_reason == "stop" and llm.calls[0][1].structured_outputs is None
+
+
+# --- n > 1 on SGLang: one SGLang request per choice ----------------------------------------
+
+
+async def test_sglang_n_choices_fan_out_each_with_its_rid_seed_text_and_finish() -> None:
+    engine, fake = await sglang_engine()
+    chunks = [c async for c in engine.generate(request(max_tokens=8, n=3, temperature=0.7, seed=11, stop=(" three",)))]
+    calls = fake.calls
+    rids = [c["rid"] for c in calls]
+    assert len(set(rids)) == 3 and len({len(r) for r in rids}) == 1  # fixed length: none prefixes another
+    assert [c["sampling_params"].get("sampling_seed") for c in calls] == [11, 12, 13]
+    assert all("n" not in c["sampling_params"] for c in calls)
+    parts = _by_index(chunks)
+    reasons, tokens = [], 0
+    for i, call in enumerate(calls):
+        words = answer_ids(fake.tokenizer_manager.tokenizer, call["input_ids"], fake.answer_tokens, 11 + i)[:8]
+        text = fake.tokenizer_manager.tokenizer.decode(words)
+        cut = text.find(" three")
+        assert "".join(parts[i].text) == (text[:cut] if cut >= 0 else text)
+        reasons.append("stop" if cut >= 0 else "length")
+        tokens += next(n for n in range(1, 9) if cut < 0 and n == 8 or cut >= 0 and len(fake.tokenizer_manager.tokenizer.decode(words[:n])) > cut)
+    final = chunks[-1]
+    assert final.finish_reasons == tuple(reasons) == ("length", "length", "stop")
+    assert final.usage is not None and final.usage.completion_tokens == tokens and final.usage.prompt_tokens == len(calls[0]["input_ids"])
+    assert [c for c in chunks if c.is_final] == [final]
+
+
+async def test_sglang_n_choices_close_early_aborts_every_choice() -> None:
+    engine, fake = await sglang_engine(token_delay_s=0.005)
+    stream = engine.generate(request(max_tokens=32, n=3))
+    await anext(stream)
+    await stream.aclose()
+    assert set(fake.aborted) == {c["rid"] for c in fake.calls} and fake.orphaned == []  # a second abort of a live rid is harmless
+
+
+async def test_sglang_n_choices_one_aborted_by_the_engine_is_a_503_and_the_others_are_aborted() -> None:
+    engine, fake = await sglang_engine(token_delay_s=0.005)
+    stream = engine.generate(request(max_tokens=32, n=3))
+    await anext(stream)
+    fake.tokenizer_manager.abort_request(rid=fake.calls[1]["rid"])
+    with pytest.raises(EngineUnavailableError):
+        async for _ in stream:
+            pass
+    assert set(fake.aborted) == {c["rid"] for c in fake.calls} and fake.orphaned == []  # a second abort of a live rid is harmless
+
+
+# --- tools on SGLang ---------------------------------------------------------------------
+
+
+async def _sglang_tools(tool_parser: str | None = "hermes", **knobs: Any) -> tuple[SGLangEngine, FakeSGLangEngine]:
+    made: list[FakeSGLangEngine] = []
+    config = SGLangEngineConfig(kind="sglang", model_path="fake/tiny", tool_call_parser=tool_parser)
+    engine = SGLangEngine(config, engine_factory=lambda **kw: made.append(FakeSGLangEngine(**knobs, **kw)) or made[0],
+                          tool_parser_factory=fake_function_call_parser)
+    await engine.start()
+    return engine, made[0]
+
+
+async def test_sglang_tools_without_a_parser_are_a_400_naming_tools() -> None:
+    engine, fake = await _sglang_tools(None)
+    assert not {"tools", "tool_choice"} & engine.capabilities.params
+    with pytest.raises(InvalidRequestError) as info:
+        await _text(engine, request(tools=(WEATHER,), tool_choice="required"))
+    assert (info.value.param, info.value.http_status) == ("tools", 400) and fake.calls == []
+
+
+async def test_sglang_unknown_tool_parser_fails_start() -> None:
+    with pytest.raises(EngineError, match="Unsupported tool_call_parser"):
+        await _sglang_tools("nope")
+
+
+@pytest.mark.parametrize("before", ["", "Checking."])
+async def test_sglang_tool_parser_turns_the_answer_into_streamed_call_pieces(before: str) -> None:
+    script = _hermes(("weather", {"city": "Paris"}), ("time", {"zone": "CET"}), before=before)
+    engine, fake = await _sglang_tools(script=lambda ids, params: script)
+    assert {"tools", "tool_choice"} <= engine.capabilities.params
+    chunks = [c async for c in engine.generate(request(max_tokens=64, tools=(WEATHER, TIME)))]
+    assert fake.tokenizer_manager.tokenizer.tools_seen == [[WEATHER, TIME]]
+    pieces = [p for c in chunks for p in c.tool_calls]
+    assert len(pieces) > 4 and [(p.index, p.name) for p in pieces if p.id is not None] == [(0, "weather"), (1, "time")]
+    parts = _by_index(chunks)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parts[0].tool_calls()] == [
+        ("weather", {"city": "Paris"}), ("time", {"zone": "CET"})]
+    assert "".join(parts[0].text).strip() == before and chunks[-1].finish_reason == "tool_calls"
+
+
+async def test_sglang_text_answer_with_tools_stays_text() -> None:
+    engine, fake = await _sglang_tools()
+    chunks = [c async for c in engine.generate(request(max_tokens=8, tools=(WEATHER,), tool_choice="auto"))]
+    assert not any(c.tool_calls for c in chunks) and chunks[-1].finish_reason == "length"
+    assert "".join(c.text for c in chunks) == fake.tokenizer_manager.tokenizer.decode(
+        answer_ids(fake.tokenizer_manager.tokenizer, fake.calls[0]["input_ids"], fake.answer_tokens)[:8])
+
+
+@pytest.mark.parametrize(("choice", "schema_type"), [({"type": "function", "function": {"name": "weather"}}, "object"), ("required", "array")])
+async def test_sglang_forced_tool_choice_constrains_decoding(choice: Any, schema_type: str) -> None:
+    engine, fake = await _sglang_tools()
+    chunks = [c async for c in engine.generate(request(max_tokens=64, n=2, tools=(WEATHER, TIME), tool_choice=choice))]
+    assert json.loads(fake.calls[0]["sampling_params"]["json_schema"])["type"] == schema_type
+    parts = _by_index(chunks)
+    for i in (0, 1):
+        (call,) = parts[i].tool_calls()
+        assert call["function"]["name"] == "weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert chunks[-1].finish_reasons == ("tool_calls", "tool_calls")
+
+
+async def test_sglang_n_choices_cancelling_the_consumer_aborts_every_choice() -> None:
+    engine, fake = await sglang_engine(token_delay_s=0.005)
+    got = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.generate(request(max_tokens=32, n=3)):
+            got.set()
+
+    task = asyncio.ensure_future(consume())
+    await got.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert set(fake.aborted) == {c["rid"] for c in fake.calls} and fake.orphaned == []

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from cluster import capabilities, strategy
 from cluster.chat import to_generation_request
-from cluster.config import FakeEngineConfig, GatewayConfig
+from cluster.config import FakeEngineConfig, GatewayConfig, VLLMEngineConfig
 from cluster.errors import InvalidRequestError
 from cluster.loader import config_from_dict
 from cluster.openai_schema import ChatCompletionRequest
@@ -107,13 +107,14 @@ def test_the_table_is_what_the_adapters_declare() -> None:
 def _cfg(*, specialist: str = "vllm", general: str = "hf", frontier: str | None = "remote_openai") -> Any:
     engines = {
         "vllm": {"kind": "vllm", "model": "m"},
+        "vllm_tools": {"kind": "vllm", "model": "m", "tool_parser": "hermes"},
         "hf": {"kind": "hf", "model_path": "/nonexistent"},
         "fake": {"kind": "fake"},
         "remote_openai": {"kind": "remote_openai", "base_url": "http://127.0.0.1:1/v1", "model": "m"},
     }
     models = [
         {"name": "code", "role": "specialist", "domains": ["code"],
-         "versions": [{"name": "v1", "engine": engines[specialist], "resources": {"num_gpus": 1} if specialist == "vllm" else {}}]},
+         "versions": [{"name": "v1", "engine": engines[specialist], "resources": {"num_gpus": 1} if specialist.startswith("vllm") else {}}]},
         {"name": "general", "role": "general", "versions": [{"name": "v1", "engine": engines[general]}]},
     ]
     if frontier is not None:
@@ -130,7 +131,9 @@ ROUTED = RouteDecision(model="code", version="v1", reason="domain:code", domain=
     (_cfg(), ("tools",), True, "frontier:capability"),
     (_cfg(general="fake"), ("tools", "tool_choice"), True, "general:capability"),
     (_cfg(general="fake"), ("presence_penalty",), True, "domain:code"),
-    (_cfg(general="fake"), ("n",), True, "general:capability"),
+    (_cfg(general="fake"), ("n",), True, "domain:code"),  # vLLM honours n
+    (_cfg(specialist="hf", general="fake"), ("n",), True, "general:capability"),
+    (_cfg(specialist="vllm_tools"), ("tools", "tool_choice"), True, "domain:code"),  # vLLM with a tool_parser
 ])
 def test_route_capable(cfg: Any, needed: tuple[str, ...], auto: bool, reason: str) -> None:
     decision = route_capable(cfg, ROUTED, needed, auto=auto)
@@ -159,7 +162,7 @@ def test_a_capability_fallback_takes_the_fallback_models_traffic_split() -> None
 @pytest.mark.parametrize(("cfg", "needed", "auto", "param"), [
     (_cfg(), ("tools",), False, "tools"),  # a named model is never swapped
     (_cfg(frontier=None), ("tools",), True, "tools"),  # nobody can
-    (_cfg(frontier=None), ("stop", "n"), True, "n"),
+    (_cfg(specialist="hf", frontier=None), ("stop", "n"), True, "n"),
 ])
 def test_route_capable_refuses(cfg: Any, needed: tuple[str, ...], auto: bool, param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
@@ -209,7 +212,7 @@ def test_sglang_sampling_params_pass_every_supported_parameter() -> None:
 def test_adapters_refuse_what_they_do_not_declare() -> None:
     request = GenerationRequest("r", (ChatMessage("user", "hi"),), SamplingParams(tools=(TOOL,)))
     with pytest.raises(InvalidRequestError) as info:
-        capabilities.refuse_unsupported(vllm.VLLMEngine.capabilities, request, "vllm")
+        capabilities.refuse_unsupported(vllm.VLLMEngine(VLLMEngineConfig(kind="vllm", model="m")).capabilities, request, "vllm")
     assert (info.value.param, info.value.code) == ("tools", "unsupported_parameter")
 
 

@@ -398,3 +398,35 @@ def test_real_sglang_api_names() -> None:
     assert {"input_ids", "sampling_params", "return_logprob", "stream", "rid"} <= params
     assert {"rid"} <= set(inspect.signature(TokenizerManager.abort_request).parameters)
     assert hasattr(sglang.Engine, "shutdown")
+
+
+# --- merging the streams of n choices -----------------------------------------------------
+
+
+async def test_merge_streams_interleaves_and_a_failure_closes_the_others_after_abort_all() -> None:
+    from deployments.engines.gpu_common import merge_streams
+
+    closed: list[str] = []
+    aborted: list[str] = []
+
+    async def stream(name: str, items: int, fail_at: int | None = None) -> AsyncIterator[str]:
+        try:
+            for i in range(items):
+                await asyncio.sleep(0.001 * (1 + (name == "b")))
+                if i == fail_at:
+                    raise EngineError(f"{name} failed")
+                yield f"{name}{i}"
+        finally:
+            closed.append(name)
+
+    async def abort_all() -> None:
+        aborted.append(f"open: {sorted(set('abc') - set(closed))}")
+
+    got = [item async for item in merge_streams([stream("a", 3), stream("b", 2)])]
+    assert sorted(got) == [(0, "a0"), (0, "a1"), (0, "a2"), (1, "b0"), (1, "b1")]
+    assert [i for i, _ in got] != sorted(i for i, _ in got)  # interleaved as they arrive
+    closed.clear()
+    with pytest.raises(EngineError, match="c failed"):
+        async for _ in merge_streams([stream("a", 50), stream("b", 50), stream("c", 50, fail_at=2)], abort_all=abort_all):
+            pass
+    assert aborted == ["open: ['a', 'b']"] and sorted(closed) == ["a", "b", "c"]

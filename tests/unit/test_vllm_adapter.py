@@ -18,7 +18,7 @@ import pytest
 from cluster.config import VLLMEngineConfig
 from cluster.errors import ContextLengthExceededError, EngineError, EngineUnavailableError, InvalidRequestError
 from cluster.protocols import Engine
-from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob, Usage
+from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams, TokenLogprob, ToolCall, Usage
 from deployments.engines import create_engine
 from deployments.engines.vllm import VLLMBackend, VLLMEngine, engine_args_kwargs, sampling_kwargs, token_logprobs
 from tests.fakes.vllm_engine import CompletionOutput, Logprob, RequestOutput
@@ -393,3 +393,65 @@ def test_real_vllm_api_names() -> None:
     full = SamplingParams(max_tokens=5, temperature=0.5, top_p=0.9, stop=("x",), seed=1, logprobs=True)
     params = VLLMSamplingParams(**sampling_kwargs(full), output_kind=RequestOutputKind.DELTA)
     assert params.output_kind == RequestOutputKind.DELTA and params.logprobs == 0
+
+
+# --- n > 1 and tool pieces, on hand-built outputs -------------------------------------------
+
+
+def _out(*completions: CompletionOutput, finished: bool = False) -> RequestOutput:
+    return RequestOutput("x", None, [1, 2, 3], None, list(completions), finished)
+
+
+def test_n_choices_from_merged_and_partial_delta_outputs() -> None:
+    from deployments.engines.vllm import _OutputMapper
+
+    mapper = _OutputMapper(want_logprobs=False, prompt_tokens=0, n=3)
+    steps = [
+        _out(CompletionOutput(0, " a", [5], None, None), CompletionOutput(2, " x", [6], None, None)),  # choice 1 missing
+        _out(CompletionOutput(1, " p q", [7, 8], None, None, "length")),  # two deltas merged by vLLM's collector
+        _out(CompletionOutput(0, " b", [9, 0], None, None, "stop"), CompletionOutput(2, "", [0], None, None, "stop"), finished=True),
+    ]
+    assert [mapper.is_final(s) for s in steps] == [False, False, True]
+    chunks = [c for s in steps for c in mapper.feed(s)]
+    assert [(c.index, c.text) for c in chunks[:-1]] == [(0, " a"), (2, " x"), (1, " p q"), (0, " b")]
+    final = chunks[-1]
+    assert final.finish_reasons == ("stop", "length", "stop") and final.finish_reason == "stop"
+    assert final.usage == Usage(prompt_tokens=3, completion_tokens=1 + 1 + 2 + 2 + 1)
+
+
+def test_every_choice_ended_is_final_even_before_finished_is_set() -> None:
+    from deployments.engines.vllm import _OutputMapper
+
+    mapper = _OutputMapper(want_logprobs=False, prompt_tokens=0, n=2)
+    mapper.feed(_out(CompletionOutput(1, " z", [4], None, None, "stop")))
+    last = _out(CompletionOutput(0, " y", [3], None, None, "length"))
+    assert mapper.is_final(last)
+    assert mapper.feed(last)[-1].finish_reasons == ("length", "stop")
+
+
+def test_parsed_tool_stream_gives_each_call_one_id_and_one_name() -> None:
+    from types import SimpleNamespace as NS
+
+    from deployments.engines.tool_calls import ParsedToolStream
+
+    deltas = iter([
+        NS(content="Hi", tool_calls=[]),
+        NS(content=None, tool_calls=[NS(index=0, id=None, function=NS(name="f", arguments=None))]),  # no id from the parser
+        NS(content=None, tool_calls=[NS(index=0, id=None, function=NS(name="f", arguments='{"a": 1'))]),  # name repeated
+        None,  # held back
+    ])
+
+    class Parser:
+        prev_tool_call_arr = [{"name": "f", "arguments": {"a": 1}}]
+        streamed_args_for_tool = ['{"a": 1']
+
+        def extract_tool_calls_streaming(self, *args: Any) -> Any:
+            return next(deltas)
+
+    stream = ParsedToolStream(Parser(), request=None)
+    got = [stream.feed(t, [i]) for i, t in enumerate(["Hi", " <c>", " f", " x"])]
+    assert got[0] == ("Hi", ()) and got[3] == ("", ())
+    (first,), (second,) = got[1][1], got[2][1]
+    assert first.id and first.id.startswith("call_") and first.name == "f"
+    assert (second.id, second.name, second.arguments) == (None, None, '{"a": 1')
+    assert stream.called and stream.finish() == ("", (ToolCall(index=0, arguments="}"),))
