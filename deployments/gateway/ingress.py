@@ -386,6 +386,8 @@ class Gateway:
             if name in self.gpu_ids:
                 entry["gpu_ids"] = self.gpu_ids[name]
             results.append(entry)
+        # runs_in: gateway: served by this replica itself, which is answering
+        results += [{"deployment": name, "ready": True, "runs_in": "gateway"} for name in self.in_gateway]
         ok = counts is not None and all(r["ready"] for r in results)
         return JSONResponse({"ready": ok, "deployments": results}, status_code=200 if ok else 503)
 

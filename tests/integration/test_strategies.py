@@ -259,6 +259,8 @@ def test_a_frontier_in_the_gateway_answers_escalations_without_a_deployment(base
     from ray import serve
 
     assert "frontier-v1" not in serve.status().applications["inline"].deployments
+    ready = httpx.get(f"{base_url}/inline/readyz", timeout=10).json()
+    assert ready["ready"] and {"deployment": "frontier-v1", "ready": True, "runs_in": "gateway"} in ready["deployments"]
     before = upstream.completed
     headers, text, model = ask(base_url, "code@unsure", "cascade", prefix="/inline", stream=stream)
     assert headers["x-slm-escalated"] == "true" and model == "frontier@v1" and headers["x-slm-model"] == "frontier"
