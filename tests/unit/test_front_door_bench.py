@@ -66,3 +66,17 @@ def test_the_verdict_applies_both_targets(named: tuple[float, float], rps_ok: bo
     assert line.startswith("slm named:")
     assert ("target >= 0.90: PASS" in line) is rps_ok
     assert ("target <= 1.15: PASS" in line) is p50_ok
+
+
+async def test_the_in_process_variant_drives_both_apps_and_reports_the_gap(capsys: pytest.CaptureFixture[str]) -> None:
+    from ray import serve
+
+    from benchmarks import front_door_inprocess
+    from deployments.gateway import metrics
+
+    before = (metrics.make, serve.get_replica_context)
+    await front_door_inprocess.run(requests=20, rounds=1, top=0)
+    assert (metrics.make, serve.get_replica_context) == before  # its stand-ins do not leak into other tests
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("passthrough ", "slm named"))}
+    assert set(lines) == {"passthrough", "slm"} and "slm-cluster's own request handling:" in out
