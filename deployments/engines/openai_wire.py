@@ -29,17 +29,23 @@ _MESSAGE_LIMIT = 300  # upstream error text kept in our messages
 # --- request bodies ----------------------------------------------------------------------
 
 
-def chat_payload(model: str, request: GenerationRequest, messages: tuple[ChatMessage, ...]) -> dict[str, Any]:
-    """The upstream ``/chat/completions`` body: streamed, with usage in the last event.
-    Optional fields only when used: some compatible servers reject nulls they do not know."""
-    sampling = request.sampling
-    body: dict[str, Any] = {"model": model, "messages": messages_as_dicts(messages),
-                            "stream": True, "stream_options": {"include_usage": True},
+def _base(model: str, sampling: SamplingParams) -> dict[str, Any]:
+    """What both bodies carry: streamed with usage in the last event, the sampling every
+    engine takes, and stop and seed only when set (some compatible servers reject nulls
+    they do not know)."""
+    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True},
                             "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
     if sampling.stop:
         body["stop"] = list(sampling.stop)
     if sampling.seed is not None:
         body["seed"] = sampling.seed
+    return body
+
+
+def chat_payload(model: str, request: GenerationRequest, messages: tuple[ChatMessage, ...]) -> dict[str, Any]:
+    """The upstream ``/chat/completions`` body, with the optional OpenAI fields the request uses."""
+    sampling = request.sampling
+    body = {**_base(model, sampling), "messages": messages_as_dicts(messages)}
     if sampling.logprobs:
         body["logprobs"] = True
     body.update(optional_params(sampling))
@@ -49,14 +55,8 @@ def chat_payload(model: str, request: GenerationRequest, messages: tuple[ChatMes
 def completions_payload(model: str, request: GenerationRequest) -> dict[str, Any]:
     """The upstream ``/completions`` body for a raw prompt (``logprobs: 0``: the chosen
     tokens' logprobs, the legacy API's way of asking for them)."""
-    sampling = request.sampling
-    body: dict[str, Any] = {"model": model, "prompt": request.prompt, "stream": True, "stream_options": {"include_usage": True},
-                            "max_tokens": sampling.max_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
-    if sampling.stop:
-        body["stop"] = list(sampling.stop)
-    if sampling.seed is not None:
-        body["seed"] = sampling.seed
-    if sampling.logprobs:
+    body = {**_base(model, request.sampling), "prompt": request.prompt}
+    if request.sampling.logprobs:
         body["logprobs"] = 0
     return body
 

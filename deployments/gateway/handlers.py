@@ -1,6 +1,6 @@
 """The gateway's endpoints beside chat: ``POST /v1/embeddings`` and ``POST /v1/completions``
 (docs/endpoints.md), as functions of the ``Gateway`` whose thin methods Serve's ingress
-routes to them. They share the chat path's auth, key limits, data policy, routing, splits,
+routes to them; and ``send_answer``, how chat and completion answers leave. They share the chat path's auth, key limits, data policy, routing, splits,
 audit trail and metrics through the gateway's own members.
 """
 
@@ -29,7 +29,7 @@ from cluster.routing import AUTO, apply_split
 from cluster.types import ChatMessage, GenerationRequest, RouteDecision, SamplingParams
 from deployments.gateway.edge import clean_request_id, read_body
 from deployments.gateway.endpoints import collect_text_completion, text_sse_events
-from deployments.gateway.ensemble import with_id
+from deployments.gateway.ensemble import Outcome, with_id
 from deployments.gateway.errors import CLIENT_CLOSED, error_response, to_slm_error
 from deployments.gateway.faults import retry_after_headers
 from deployments.gateway.metrics import finish_after
@@ -118,24 +118,8 @@ async def text_completions(gw: "Gateway", request: Request) -> Response:
         decision = out.winner.decision
         headers.update(gw._headers(decision))
         meta = {"id": f"cmpl-{request_id}", "created": int(time.time()), "model": decision.served_name}
-        chunks = out.winner.replay()
-        if wire.stream:
-            include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-            first_chunk = await anext_or_close(chunks)  # a failure before any token keeps its status code
-            events = text_sse_events(first_chunk, chunks, meta, include_usage=include_usage, logprobs=gen.sampling.logprobs,
-                                     trailer=lambda: gw._cost(out))
-            first_token_at = gw.clock()
-            events = finish_after(events, lambda: gw.metrics.request_done(
-                started_at=started_at, status=200, strategy="route", decision=decision, first=first, out=out,
-                first_token_at=first_token_at, snapshot=snap))
-            events = gw.keys.settled_stream(events, ticket, out)
-            return StreamingResponse(gw.audit.stream(trail, events), media_type="text/event-stream", headers=headers)
-        body = await collect_text_completion(chunks, meta, logprobs=gen.sampling.logprobs)
-        headers.update(gw._cost(out))
-        await gw.keys.settle(ticket, out)
-        gw.audit.finish(trail, 200)
-        gw.metrics.request_done(started_at=started_at, status=200, strategy="route", decision=decision, first=first, out=out, snapshot=snap)
-        return JSONResponse(body, headers=headers)
+        return await send_answer(gw, out, wire.stream, wire.stream_options, gen, meta, headers, trail, ticket, "route", first, snap,
+                                 started_at, text_sse_events, collect_text_completion)
     except asyncio.CancelledError:
         trail.decision = decision
         gw.audit.finish(trail, CLIENT_CLOSED, "client_disconnected")
@@ -150,3 +134,36 @@ async def text_completions(gw: "Gateway", request: Request) -> Response:
         gw.metrics.request_done(started_at=started_at, status=err.http_status, strategy="route", decision=decision, first=decision,
                                   snapshot=gw.splits.snapshot)
         return error_response(err, headers={**headers, **gw._headers(decision), **retry_after_headers(err)})
+
+
+async def send_answer(
+    gw: "Gateway", out: Outcome, stream: bool, stream_options: Any, gen: GenerationRequest, meta: dict[str, Any], headers: dict[str, str],
+    trail: Any, ticket: Any, strategy_name: str, first: RouteDecision | None, snap: Any, started_at: float,
+    stream_events: Any, collect: Any,
+) -> Response:
+    """How an answer leaves, for chat and legacy completions alike (``stream_events`` and
+    ``collect`` shape it): an SSE stream, or one JSON body with the cost headers. Either
+    way the key's reservation is settled and the audit line and metrics are written, a
+    stream's when it ends."""
+    decision = out.winner.decision
+    chunks = out.winner.replay()
+    if stream:
+        include_usage = bool(stream_options and stream_options.include_usage)
+        # Pull the first chunk before answering, so failures before any token get
+        # a real status code instead of a 200 stream with an error in it.
+        first_chunk = await anext_or_close(chunks)
+        events = stream_events(first_chunk, chunks, meta, include_usage=include_usage, logprobs=gen.sampling.logprobs,
+                               trailer=lambda: gw._cost(out))
+        first_token_at = gw.clock()  # a held-back answer's first token leaves now, after the gate
+        events = finish_after(events, lambda: gw.metrics.request_done(
+            started_at=started_at, status=200, strategy=strategy_name, decision=decision, first=first, out=out,
+            first_token_at=first_token_at, snapshot=snap))
+        events = gw.keys.settled_stream(events, ticket, out)
+        return StreamingResponse(gw.audit.stream(trail, events), media_type="text/event-stream", headers=headers)
+    body = await collect(chunks, meta, logprobs=gen.sampling.logprobs)
+    headers.update(gw._cost(out))
+    await gw.keys.settle(ticket, out)
+    gw.audit.finish(trail, 200)
+    gw.metrics.request_done(started_at=started_at, status=200, strategy=strategy_name, decision=decision, first=first, out=out,
+                              snapshot=snap)
+    return JSONResponse(body, headers=headers)

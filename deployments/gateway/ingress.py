@@ -14,7 +14,7 @@ import time
 from typing import Any, Awaitable, Mapping
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -45,9 +45,9 @@ from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway import handlers
 from deployments.gateway.errors import CLIENT_CLOSED, error_response, to_slm_error
 from deployments.gateway.faults import retry_after_headers
-from deployments.gateway.responses import anext_or_close, collect_completion, sse_events
+from deployments.gateway.responses import collect_completion, sse_events
 from deployments.gateway.figures import FigureRecorder
-from deployments.gateway.metrics import GatewayMetrics, finish_after
+from deployments.gateway.metrics import GatewayMetrics
 from deployments.gateway.shadow import ShadowSender
 from deployments.gateway.splits import SplitCache
 from deployments.gateway.streams import handle_stream, timed_chunks
@@ -294,28 +294,8 @@ class Gateway:
             headers.update(self._headers(decision, first))
             headers.update(self._outcome_headers(out))
             meta = {"id": f"chatcmpl-{request_id}", "created": int(time.time()), "model": decision.served_name}
-            chunks = out.winner.replay()
-            if wire.stream:
-                include_usage = bool(wire.stream_options and wire.stream_options.include_usage)
-                # Pull the first chunk before answering, so failures before any token get
-                # a real status code instead of a 200 stream with an error in it.
-                first_chunk = await anext_or_close(chunks)
-                events = sse_events(
-                    first_chunk, chunks, meta, include_usage=include_usage, logprobs=gen.sampling.logprobs,
-                    trailer=lambda: self._cost(out),
-                )
-                first_token_at = self.clock()  # a held-back answer's first token leaves now, after the gate
-                events = finish_after(events, lambda: self.metrics.request_done(
-                    started_at=started_at, status=200, strategy=chosen, decision=decision, first=first, out=out,
-                    first_token_at=first_token_at, snapshot=snap))
-                events = self.keys.settled_stream(events, ticket, out)
-                return StreamingResponse(self.audit.stream(trail, events), media_type="text/event-stream", headers=headers)
-            body = await collect_completion(chunks, meta, logprobs=gen.sampling.logprobs)
-            headers.update(self._cost(out))
-            await self.keys.settle(ticket, out)
-            self.audit.finish(trail, 200)
-            self.metrics.request_done(started_at=started_at, status=200, strategy=chosen, decision=decision, first=first, out=out, snapshot=snap)
-            return JSONResponse(body, headers=headers)
+            return await handlers.send_answer(self, out, wire.stream, wire.stream_options, gen, meta, headers, trail, ticket, chosen, first,
+                                              snap, started_at, sse_events, collect_completion)
         except asyncio.CancelledError:
             # The client left (Serve cancels the handler): no response goes out, but the
             # request still gets its audit line (nginx's 499, "client closed request").
