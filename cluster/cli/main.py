@@ -11,7 +11,7 @@ from typing import Sequence
 
 from cluster.cli import audit_cmd, embedded_redis, gate_cmd, guidance, keys_cmd, nodes
 from cluster.cli.ray_cluster import LocalCluster, RayClusterError
-from cluster.cli.report import app_view, progress_line, status_table
+from cluster.cli.report import app_view, in_gateway_line, progress_line, status_table
 from cluster.config import ClusterConfig
 from cluster.errors import ConfigError, InvalidRequestError, SLMError
 from cluster.loader import PROFILES, load_config, resolve_config
@@ -220,6 +220,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             if problems:
                 worst = EXIT_DOES_NOT_FIT
             if deployed is not None:
+                inline = in_gateway_line(deployed)
+                if inline is not None:
+                    _say(inline)
                 _say(_traffic_store_line(deployed))
         if any(r.waiting_for_resources for r in view.rows):
             worst = EXIT_DOES_NOT_FIT

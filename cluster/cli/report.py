@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.config import ClusterConfig
+from cluster.types import deployment_name
+
 # Serve says this when a replica waits for resources the cluster does not have. (A slow
 # model load says "taken more than 30s to initialize" instead: that is not this.)
 _UNSCHEDULABLE_HINTS = ("to be scheduled", "resources required for each replica", "infeasible")
@@ -71,3 +74,12 @@ def status_table(view: AppView) -> str:
             msg = "WAITING FOR RESOURCES: " + msg
         lines.append(f"{r.name:<16} {r.status:<12} {f'{r.running}/{r.target}':>8} {r.num_gpus:>6g} {r.num_cpus:>6g}  {msg[:200]}")
     return "\n".join(lines)
+
+
+def in_gateway_line(cfg: ClusterConfig) -> str | None:
+    """The versions that run in the gateway (``runs_in: gateway``): Serve lists no deployment
+    for them, so the status says where they are. None when there are none."""
+    names = [deployment_name(m.name, v.name) for m, v in cfg.deployments() if v.runs_in == "gateway"]
+    if not names:
+        return None
+    return f"in the gateway (runs_in: gateway; served by the gateway's replicas): {', '.join(names)}"

@@ -198,3 +198,16 @@ def test_cli_views() -> None:
     assert "1/3 deployments healthy" in progress_line(view, 3) and "math-v1 0/1" in progress_line(view, 3)
     table = status_table(view)
     assert "WAITING FOR RESOURCES" in table and "0.25" in table
+
+
+def test_the_status_names_the_versions_that_run_in_the_gateway() -> None:
+    from cluster.cli.report import in_gateway_line
+    from cluster.loader import config_from_dict, load_profile
+
+    data = load_profile("sim").model_dump(mode="json")
+    assert in_gateway_line(config_from_dict(data)) is None
+    frontier = next(m for m in data["models"] if m["role"] == "frontier")
+    frontier["versions"][0] = {"name": "v1", "runs_in": "gateway",
+                               "engine": {"kind": "remote_openai", "base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+    line = in_gateway_line(config_from_dict(data))
+    assert line is not None and line.endswith(f": {frontier['name']}-v1")
