@@ -121,19 +121,35 @@ async def text_completions(gw: "Gateway", request: Request) -> Response:
         return await send_answer(gw, out, wire.stream, wire.stream_options, gen, meta, headers, trail, ticket, "route", first, snap,
                                  started_at, text_sse_events, collect_text_completion)
     except asyncio.CancelledError:
-        trail.decision = decision
-        gw.audit.finish(trail, CLIENT_CLOSED, "client_disconnected")
-        gw.keys.settle_soon(ticket)  # a request that did not finish is not billed
+        client_left(gw, trail, ticket, decision, decision)
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to a typed error in one place
-        err = to_slm_error(exc)
-        log.info("gateway: completions %s -> %s %s", request_id, err.http_status, err.code)
-        trail.decision = decision
-        gw.audit.finish(trail, err.http_status, err.code)
-        gw.keys.settle_soon(ticket)
-        gw.metrics.request_done(started_at=started_at, status=err.http_status, strategy="route", decision=decision, first=decision,
-                                  snapshot=gw.splits.snapshot)
-        return error_response(err, headers={**headers, **gw._headers(decision), **retry_after_headers(err)})
+        return send_error(gw, exc, trail, ticket, headers, decision, decision, "route", started_at, f"completions {request_id}")
+
+
+def client_left(gw: "Gateway", trail: Any, ticket: Any, decision: RouteDecision | None, first: RouteDecision | None) -> None:
+    """The client left (Serve cancels the handler): no response goes out, but the request
+    still gets its audit line (nginx's 499, "client closed request"), and a request that
+    did not finish is not billed."""
+    trail.first, trail.decision = first, decision
+    gw.audit.finish(trail, CLIENT_CLOSED, "client_disconnected")
+    gw.keys.settle_soon(ticket)
+
+
+def send_error(
+    gw: "Gateway", exc: Exception, trail: Any, ticket: Any, headers: dict[str, str], decision: RouteDecision | None,
+    first: RouteDecision | None, strategy_name: str | None, started_at: float, what: str,
+) -> Response:
+    """A failed chat or completion request: its typed error as an OpenAI body with the route
+    headers known so far, its audit line and metrics, and its key reservation given back."""
+    err = to_slm_error(exc)
+    log.info("gateway: %s -> %s %s", what, err.http_status, err.code)
+    trail.first, trail.decision = first, decision
+    gw.audit.finish(trail, err.http_status, err.code)
+    gw.keys.settle_soon(ticket)
+    gw.metrics.request_done(started_at=started_at, status=err.http_status, strategy=strategy_name, decision=decision, first=first,
+                            snapshot=gw.splits.snapshot)
+    return error_response(err, headers={**headers, **gw._headers(decision, first), **retry_after_headers(err)})
 
 
 async def send_answer(

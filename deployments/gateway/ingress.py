@@ -43,8 +43,7 @@ from deployments.gateway.edge import (
 )
 from deployments.gateway.ensemble import Ensemble, Outcome, with_id
 from deployments.gateway import handlers
-from deployments.gateway.errors import CLIENT_CLOSED, error_response, to_slm_error
-from deployments.gateway.faults import retry_after_headers
+from deployments.gateway.errors import error_response
 from deployments.gateway.responses import collect_completion, sse_events
 from deployments.gateway.figures import FigureRecorder
 from deployments.gateway.metrics import GatewayMetrics
@@ -297,21 +296,11 @@ class Gateway:
             return await handlers.send_answer(self, out, wire.stream, wire.stream_options, gen, meta, headers, trail, ticket, chosen, first,
                                               snap, started_at, sse_events, collect_completion)
         except asyncio.CancelledError:
-            # The client left (Serve cancels the handler): no response goes out, but the
-            # request still gets its audit line (nginx's 499, "client closed request").
-            trail.first, trail.decision = first, decision
-            self.audit.finish(trail, CLIENT_CLOSED, "client_disconnected")
-            self.keys.settle_soon(ticket)  # a request that did not finish is not billed
+            handlers.client_left(self, trail, ticket, decision, first)
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a typed error in one place
-            err = to_slm_error(exc)
-            log.info("gateway: %s -> %s %s", request_id, err.http_status, err.code)
-            trail.first, trail.decision = first, decision
-            self.audit.finish(trail, err.http_status, err.code)
-            self.keys.settle_soon(ticket)  # a failed request gives its reservation back
-            self.metrics.request_done(started_at=started_at, status=err.http_status, strategy=headers.get("x-slm-strategy"),
-                                      decision=decision, first=first, snapshot=self.splits.snapshot)
-            return error_response(err, headers={**headers, **self._headers(decision, first), **retry_after_headers(err)})
+            return handlers.send_error(self, exc, trail, ticket, headers, decision, first, headers.get("x-slm-strategy"), started_at,
+                                       request_id)
 
     @api.get("/v1/models", responses=ERRORS)
     async def list_models(self, request: Request) -> Response:
