@@ -72,6 +72,16 @@ def engine_params(kind: str) -> frozenset[str]:
 NEEDS_TOOL_PARSER = frozenset({"vllm", "sglang"})
 
 
+# Engine kinds that honour GenerationRequest.whole_answer: a non-streamed request is fetched
+# from the upstream as one JSON body, so its first chunk arrives with its last and the
+# gateway must not hold it to the first-token limit. The in-process engines stream anyway.
+WHOLE_ANSWER_KINDS = frozenset({"remote_openai"})
+
+
+def fetches_whole(engine: EngineConfig) -> bool:
+    return engine.kind in WHOLE_ANSWER_KINDS
+
+
 def version_params(engine: EngineConfig) -> frozenset[str]:
     """What one version's engine config honours: its kind's row, less tools and tool_choice
     for a vllm or sglang version without a ``tool_parser`` (the adapters declare the same)."""

@@ -85,7 +85,7 @@ class Gateway:
         self.in_gateway = in_gateway_models(config)  # runs_in: gateway: called without a Serve hop
         # Versions whose engine fetches a whole answer in one piece (GenerationRequest.whole_answer):
         # only their first chunk may come with the last; the others keep the first-token limit.
-        self.fetch_whole = {deployment_name(m.name, v.name) for m, v in config.deployments() if v.engine.kind == "remote_openai"}
+        self.fetch_whole = {deployment_name(m.name, v.name) for m, v in config.deployments() if capabilities.fetches_whole(v.engine)}
         self.clock = time.monotonic
         env = env if env is not None else os.environ
         self.keys = self._load_api_keys(env)
