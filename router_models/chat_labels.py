@@ -12,7 +12,10 @@ row (provenance only; docs/router.md tells how each round was drawn).
 
 ``python -m router_models.chat_labels sample`` writes labelling sheets for the pool prompts
 not yet labelled; ``merge`` joins label files into the shipped file; ``agreement`` reports
-Cohen's kappa between two passes.
+Cohen's kappa between two passes. ``relabel`` and ``apply`` run a new pass over the shipped
+rows of some domains (after the guide changes): sheets whose neighbours share ``overlap``
+prompts, so that the pass measures its own agreement, then the owners' labels written back
+and the neighbours' labels kept as the second pass.
 """
 
 from __future__ import annotations
@@ -133,6 +136,77 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def relabel_plan(rows: Sequence[dict], domains: Sequence[str], batches: int, overlap: int, tag: str = "relabel-v2") -> dict:
+    """Which sheet owns each row of ``domains`` (a hash of ``tag`` and the id), and the ``overlap``
+    first rows of each sheet that the previous sheet labels too (a ring), as
+    ``{"owner": {id: k}, "second": {id: k}}``."""
+    chosen = sorted((r for r in rows if r["domain"] in domains), key=lambda r: _key(tag, r["id"]))
+    owner = {r["id"]: k % batches for k, r in enumerate(chosen)}
+    second: dict[str, int] = {}
+    for k in range(batches):
+        part = [r["id"] for r in chosen[k::batches]]
+        second.update({i: (k - 1) % batches for i in part[:overlap]})
+    return {"owner": owner, "second": second if batches > 1 else {}}
+
+
+def apply_relabel(rows: Sequence[dict], plan: dict, sheet_labels: Sequence[dict[str, str]]) -> tuple[list[dict], dict[str, str], Counter]:
+    """The rows with their owners' labels, the second pass ``{id: domain}`` and the
+    ``(old, new)`` counts; raises ``ValueError`` naming a row that has no label."""
+    missing = [i for i, k in plan["owner"].items() if i not in sheet_labels[k]]
+    if missing:
+        raise ValueError(f"{len(missing)} prompts have no label yet, e.g. {missing[:5]}")
+    moved: Counter = Counter()
+    out = []
+    for r in rows:
+        k = plan["owner"].get(r["id"])
+        if k is not None:
+            new = sheet_labels[k][r["id"]]
+            moved[(r["domain"], new)] += 1
+            r = dict(r, domain=new, subject=chat_subject(new))
+        out.append(r)
+    second = {i: sheet_labels[k][i] for i, k in plan["second"].items() if i in sheet_labels[k]}
+    return out, second, moved
+
+
+def _relabel(args: argparse.Namespace) -> int:
+    rows = [obj for _, obj in json_lines(CHAT_LABELS)]
+    plan = relabel_plan(rows, args.domains, args.batches, args.overlap)
+    by_id = {r["id"]: r for r in rows}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "plan.json").write_text(json.dumps(plan))
+    sheets = args.out_dir / "sheets"
+    sheets.mkdir(exist_ok=True)
+    for k in range(args.batches):
+        ids = [i for i, o in plan["owner"].items() if o == k] + [i for i, s in plan["second"].items() if s == k]
+        with (sheets / f"batch_{k}.txt").open("w", encoding="utf-8") as f:
+            for i in sorted(ids, key=lambda i: _key("sheet", i)):  # the shared prompts are not told apart
+                f.write(f"=== id={i} ===\n{sheet_text(by_id[i]['prompt'], 700, 300)}\n\n")
+    print(
+        f"{len(plan['owner'])} prompts on {args.batches} sheets, {len(plan['second'])} of them on two; "
+        f"sheets in {sheets}; labels go in {args.out_dir}/labels_K.jsonl"
+    )
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    plan = json.loads((args.dir / "plan.json").read_text())
+    batches = max(plan["owner"].values()) + 1
+    sheet_labels = [read_labels([args.dir / f"labels_{k}.jsonl"]) for k in range(batches)]
+    try:
+        rows, second, moved = apply_relabel([obj for _, obj in json_lines(CHAT_LABELS)], plan, sheet_labels)
+    except ValueError as exc:
+        print(exc)
+        return 1
+    CHAT_LABELS.write_text("".join(dump_line(r) for r in rows), encoding="utf-8")
+    args.pass2.write_text("".join(dump_line({"id": i, "domain": d}) for i, d in sorted(second.items())), encoding="utf-8")
+    print(f"relabelled {sum(moved.values())} rows, {sum(c for (a, b), c in moved.items() if a != b)} changed:")
+    for (old, new), c in moved.most_common():
+        if old != new:
+            print(f"  {old:<8} -> {new:<8} {c}")
+    print(f"second pass: {len(second)} prompts in {args.pass2}")
+    return 0
+
+
 def _agreement(args: argparse.Namespace) -> int:
     first, second = read_labels([args.first]), read_labels([args.second])
     common = sorted(set(first) & set(second))
@@ -159,6 +233,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("--sample", type=Path, nargs="+", required=True, help="sample.jsonl files the sheets were written from")
     m.add_argument("--labels", type=Path, nargs="+", required=True)
     m.set_defaults(func=_merge)
+    r = sub.add_parser("relabel", help="sheets for a new pass over the shipped rows of some domains")
+    r.add_argument("--domains", nargs="+", choices=DOMAINS, required=True)
+    r.add_argument("--batches", type=int, default=8)
+    r.add_argument("--overlap", type=int, default=30, help="prompts each sheet shares with the next (the agreement sample)")
+    r.add_argument("--out-dir", type=Path, required=True)
+    r.set_defaults(func=_relabel)
+    ap = sub.add_parser("apply", help="write a relabel pass's labels into the shipped file")
+    ap.add_argument("--dir", type=Path, required=True, help="the relabel --out-dir, holding labels_K.jsonl")
+    ap.add_argument("--pass2", type=Path, default=CHAT_LABELS.with_name("sharegpt_chat_labels_pass2.jsonl"))
+    ap.set_defaults(func=_apply)
     a = sub.add_parser("agreement", help="raw agreement and Cohen's kappa between two passes")
     a.add_argument("first", type=Path)
     a.add_argument("second", type=Path)

@@ -100,3 +100,33 @@ def test_second_pass_agreement_is_reproducible(capsys) -> None:
     assert kappa > 0.8  # the figure docs/router.md reports is printed by the command below
     assert chat_labels_main(["agreement", str(CHAT_LABELS), str(PASS2)]) == 0
     assert f"Cohen's kappa: {kappa:.3f}" in capsys.readouterr().out
+
+
+def test_a_relabel_pass_owns_each_row_once_shares_a_ring_of_prompts_and_writes_back() -> None:
+    from router_models.chat_labels import apply_relabel, relabel_plan
+
+    rows = [
+        {"id": f"p{n}", "prompt": f"prompt {n}", "domain": d, "subject": f"chat:{d}", "sample": "round2"}
+        for n, d in enumerate(["code", "general", "math"] * 20)
+    ]
+    plan = relabel_plan(rows, ["code", "general"], batches=4, overlap=2)
+    assert set(plan["owner"]) == {r["id"] for r in rows if r["domain"] != "math"}  # math rows are not in the pass
+    assert sorted(Counter(plan["owner"].values()).values()) == [10, 10, 10, 10]
+    assert len(plan["second"]) == 8 and all(plan["second"][i] == (plan["owner"][i] - 1) % 4 for i in plan["second"])
+    # every sheet's labeller says "general", except that sheet 0 says "code" for what it owns
+    labels = [
+        {
+            i: ("code" if k == 0 and plan["owner"][i] == 0 else "general")
+            for i in plan["owner"]
+            if plan["owner"][i] == k or plan["second"].get(i) == k
+        }
+        for k in range(4)
+    ]
+    out, second, moved = apply_relabel(rows, plan, labels)
+    assert [r["id"] for r in out] == [r["id"] for r in rows] and all(r["subject"] == f"chat:{r['domain']}" for r in out)
+    assert {r["id"] for r in out if r["domain"] == "code"} == {i for i, k in plan["owner"].items() if k == 0}
+    assert [r for r in out if r["domain"] == "math"] == [r for r in rows if r["domain"] == "math"]
+    assert set(second) == set(plan["second"]) and sum(moved.values()) == 40
+    labels[2].pop(next(i for i, k in plan["owner"].items() if k == 2))
+    with pytest.raises(ValueError, match="1 prompts have no label yet"):
+        apply_relabel(rows, plan, labels)
