@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Awaitable
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,15 +34,13 @@ from deployments.gateway.errors import CLIENT_CLOSED, error_response, to_slm_err
 from deployments.gateway.faults import retry_after_headers
 from deployments.gateway.metrics import finish_after
 from deployments.gateway.responses import anext_or_close
+from deployments.gateway.streams import within
 
 if TYPE_CHECKING:
     from deployments.gateway.ingress import Gateway
 
 log = logging.getLogger("ray.serve")
 
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 async def embeddings(gw: "Gateway", request: Request) -> Response:
@@ -59,7 +57,7 @@ async def embeddings(gw: "Gateway", request: Request) -> Response:
         gw.keys.check_scope(caller, model=EMBEDDER_ID, strategy="route", data_class=declared)  # on-prem: no PII screen
         as_chat = GenerationRequest("embed", tuple(ChatMessage("user", t) for t in job.texts), SamplingParams(max_tokens=1))
         ticket = await gw.keys.admit(caller, as_chat, headers)
-        result = await asyncio.wait_for(_await(gw.router.embed.remote(list(job.texts))), limits.request_timeout_s)
+        result = await within(gw.router.embed.remote(list(job.texts)), limits.request_timeout_s)
         body = embedding_body(result["embeddings"].tolist(), result["prompt_tokens"], job.encoding_format)
         return JSONResponse(body, headers=headers)
     except asyncio.TimeoutError:

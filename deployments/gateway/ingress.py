@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Awaitable, Mapping
+from typing import Any, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -49,7 +49,7 @@ from deployments.gateway.figures import FigureRecorder
 from deployments.gateway.metrics import GatewayMetrics
 from deployments.gateway.shadow import ShadowSender
 from deployments.gateway.splits import SplitCache
-from deployments.gateway.streams import handle_stream, timed_chunks
+from deployments.gateway.streams import handle_stream, timed_chunks, within
 from deployments.gateway.warmth import ReplicaCounts, Warmth, serve_replica_counts
 from deployments.in_gateway import in_gateway_models
 
@@ -58,9 +58,6 @@ log = logging.getLogger("ray.serve")
 api = FastAPI(title="slm-cluster gateway", docs_url=None, redoc_url=None)  # /openapi.json stays
 install_error_handlers(api)  # before @serve.ingress, which freezes a copy of the app
 
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 def _app_name() -> str:
@@ -163,7 +160,7 @@ class Gateway:
             return resolve_explicit(self.config, requested)
         timeout = self.config.router.request_timeout_s
         try:
-            scores = await asyncio.wait_for(_await(self.router.route.remote(route_query(gen))), timeout)
+            scores = await within(self.router.route.remote(route_query(gen)), timeout)
         except Exception as exc:  # noqa: BLE001 - the router is an optimisation, not a dependency
             log.warning("gateway: router failed (%s); sending auto to the general model", type(exc).__name__)
             general = self.config.general
@@ -362,7 +359,7 @@ class Gateway:
 
     async def _learn_gpu_ids(self, name: str) -> None:
         try:
-            info = await asyncio.wait_for(_await(self.models[name].ready.remote()), 1.0)
+            info = await within(self.models[name].ready.remote(), 1.0)
             self.gpu_ids[name] = list(info.get("gpu_ids", []))
         except Exception:  # noqa: BLE001 - placement facts are optional; readiness does not wait on them
             return

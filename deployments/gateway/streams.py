@@ -8,7 +8,7 @@ cancel the generation with ``cancel()``.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
@@ -16,6 +16,20 @@ from cluster.config import GatewayConfig
 from cluster.deadlines import StreamDeadlines
 from cluster.errors import EngineError, EngineTimeoutError
 from cluster.types import GenerationChunk, GenerationRequest
+
+
+T = TypeVar("T")
+
+
+async def within(call: Awaitable[T], timeout_s: float) -> T:
+    """A unary handle call's result (Serve's ``DeploymentResponse``, awaitable but not a
+    coroutine) under a timeout; ``asyncio.TimeoutError`` when it runs past. The gateway's
+    router, embedder and readiness calls all wait this one way."""
+
+    async def result() -> T:
+        return await call
+
+    return await asyncio.wait_for(result(), timeout_s)
 
 
 class BatchStream(Protocol):

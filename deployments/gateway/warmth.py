@@ -19,6 +19,8 @@ import asyncio
 import logging
 from typing import Any, Awaitable, Callable, Mapping
 
+from deployments.gateway.streams import within
+
 log = logging.getLogger("ray.serve")
 
 ReplicaCounts = Callable[[], Awaitable[Mapping[str, int]]]
@@ -85,7 +87,7 @@ class Warmth:
 
     async def _warm(self, name: str) -> None:
         try:
-            await asyncio.wait_for(_await(self.handles[name].ready.remote()), self.warm_up_timeout_s)
+            await within(self.handles[name].ready.remote(), self.warm_up_timeout_s)
             # The replica answered, so it runs: serve it without waiting for the next poll.
             self._warmed_at[name] = self._now()
             self.cold = self.cold - {name}
@@ -111,9 +113,6 @@ class Warmth:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-
-async def _await(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 def serve_replica_counts(app_name: str) -> ReplicaCounts:
