@@ -297,3 +297,24 @@ async def test_collected_completion_merges_tool_calls_and_keeps_every_choice() -
     assert first["finish_reason"] == "tool_calls"
     assert (second["index"], second["message"], second["finish_reason"]) == (1, {"role": "assistant", "content": "B"}, "stop")
     assert body["usage"]["completion_tokens"] == 5
+
+
+def test_the_gpu_profile_serves_tools_on_its_qwen_models_under_either_gpu_engine() -> None:
+    from cluster.loader import load_profile
+
+    cfg = load_profile("gpu")
+    code = RouteDecision(model="code", version="v1", reason="domain:code", domain="code")
+    math = RouteDecision(model="math", version="v1", reason="domain:math", domain="math")
+    assert route_capable(cfg, code, ("tools", "tool_choice"), auto=True).model == "code"
+    moved = route_capable(cfg, math, ("tools", "tool_choice"), auto=True)  # Qwen2.5-Math has no tool template
+    assert (moved.model, moved.domain) == ("general", "math")
+    # `engine.kind: sglang` alone switches the engine and keeps the parser (both libraries call it hermes)
+    data = cfg.model_dump(mode="json")
+    for model in data["models"]:
+        if model["name"] in ("code", "general"):
+            engine = model["versions"][0]["engine"]
+            model["versions"][0]["engine"] = {"kind": "sglang", "model": engine["model"], "tool_parser": engine["tool_parser"],
+                                              "gpu_memory_utilization": engine["gpu_memory_utilization"]}
+    switched = config_from_dict(data)
+    assert route_capable(switched, code, ("tools",), auto=True).model == "code"
+    assert route_capable(switched, math, ("tools",), auto=True).model == "general"
