@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve")
 
 
-
 async def embeddings(gw: "Gateway", request: Request) -> Response:
     """``router-embedder``: the stock all-MiniLM-L6-v2 that the router deployment holds
     beside its tuned copy. A limited key is admitted (its request rate counts) and its
@@ -66,7 +65,6 @@ async def embeddings(gw: "Gateway", request: Request) -> Response:
         return error_response(to_slm_error(exc), headers=headers)
     finally:
         gw.keys.settle_soon(ticket)
-
 
 
 async def text_completions(gw: "Gateway", request: Request) -> Response:

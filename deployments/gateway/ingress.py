@@ -59,7 +59,6 @@ api = FastAPI(title="slm-cluster gateway", docs_url=None, redoc_url=None)  # /op
 install_error_handlers(api)  # before @serve.ingress, which freezes a copy of the app
 
 
-
 def _app_name() -> str:
     try:
         return serve.get_replica_context().app_name

@@ -114,7 +114,6 @@ class Warmth:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-
 def serve_replica_counts(app_name: str) -> ReplicaCounts:
     """Running replicas per deployment of ``app_name``, from Serve's controller. The call
     blocks, so it runs in a worker thread, never on the serving loop."""
