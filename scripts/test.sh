@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check -q cluster deployments router_models autoscaling tests benchmarks load_tests
 .venv/bin/lint-imports
-.venv/bin/python -m pytest -p no:cacheprovider "$@"
+.venv/bin/python -X faulthandler -m pytest -p no:cacheprovider "$@"
