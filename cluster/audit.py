@@ -11,10 +11,11 @@ Pure: no Ray, no HTTP; the only I/O is reading files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -75,11 +76,32 @@ def api_key_hash(authorization: str | None) -> str | None:
     if not authorization or not authorization.lower().startswith("bearer "):
         return None
     token = authorization[7:].strip()
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16] if token else None
+    return _token_hash(token) if token else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _token_hash(token: str) -> str:
+    # A gateway sees the same few keys on every request; the cache holds only what the
+    # gateway's key store already holds in memory.
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:16]
 
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+# Written out rather than ``dataclasses.asdict``, which deep-copies field by field and was
+# the largest part of building a line on the gateway's hot path (docs/benchmarks.md). The
+# field lists above are the contract; a unit test holds these dicts to them.
+def _route_dict(r: RouteLine) -> dict[str, Any]:
+    return {"model": r.model, "version": r.version, "reason": r.reason, "domain": r.domain, "escalation_score": r.escalation_score}
+
+
+def _call_dict(c: CallLine) -> dict[str, Any]:
+    return {
+        "deployment": c.deployment, "model": c.model, "version": c.version, "role": c.role, "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens, "latency_ms": _ms(c.latency_ms), "ttft_ms": _ms(c.ttft_ms), "outcome": c.outcome,
+    }
 
 
 def build_record(
@@ -118,8 +140,8 @@ def build_record(
         "api_key_hash": api_key_hash(api_key),
         "requested_model": requested_model,
         "strategy": strategy,
-        "route": asdict(route) if route is not None else None,
-        "calls": [{**asdict(c), "latency_ms": _ms(c.latency_ms), "ttft_ms": _ms(c.ttft_ms)} for c in calls],
+        "route": _route_dict(route) if route is not None else None,
+        "calls": [_call_dict(c) for c in calls],
         "gate_scores": [round(g, 6) for g in gate_scores],
         "escalated": escalated,
         "race_winner": race_winner,

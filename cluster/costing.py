@@ -81,3 +81,18 @@ def for_request(cfg: ClusterConfig, calls: list[CallRecord]) -> tuple[Cost, Cost
     ran = [r for r in calls if frontier is not None and r.model == frontier.name and r.usage_exact]
     prompt = ran[0].prompt_tokens if ran else won.prompt_tokens
     return spent, frontier_only(cfg, prompt, won.completion_tokens)
+
+
+@dataclass(frozen=True)
+class Bill:
+    """One request's figures, computed once: its call records, what they cost, and what the
+    frontier alone would have cost (``for_request``)."""
+
+    records: tuple[CallRecord, ...]
+    spent: Cost
+    alone: Cost | None
+
+
+def bill(cfg: ClusterConfig, calls: list[CallRecord]) -> Bill:
+    spent, alone = for_request(cfg, calls)
+    return Bill(tuple(calls), spent, alone)

@@ -253,13 +253,13 @@ class AuditTrail:
         spent, alone = costing.ZERO, None
         ttft_ms = None
         if out is not None:
-            records = out.records()
-            for call, rec in zip(out.calls, records):
+            bill = out.bill(self.cfg)
+            for call, rec in zip(out.calls, bill.records):
                 model = self.cfg.model(rec.model)
                 ttft = (call.first_at - call.started_at) * 1000 if call.first_at is not None else None
                 calls.append(audit.CallLine(call.name, rec.model, rec.version, model.role if model else None, rec.prompt_tokens,
                                             rec.completion_tokens, rec.latency_s * 1000, ttft, audit.call_outcome(rec.outcome)))
-            spent, alone = costing.for_request(self.cfg, records)
+            spent, alone = bill.spent, bill.alone
             if out.winner.first_at is not None:
                 ttft_ms = (out.winner.first_at - d.started_at) * 1000
         include = self.acfg.include_text

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
-from cluster import costing, keys
+from cluster import keys
 from cluster.config import ClusterConfig
 from cluster.errors import AuthenticationError, ConfigError, ModelNotAllowedError
 from cluster.keys import KeyRecord, KeyStoreUnavailable
@@ -205,9 +205,9 @@ class KeyGuard:
         ticket.settled = True
         used, nano = 0, 0
         if out is not None:
-            records = out.records()
-            used = sum(r.prompt_tokens + r.completion_tokens for r in records)
-            nano = keys.usd_to_nano(costing.total(self.config, records).usd)
+            bill = out.bill(self.config)
+            used = sum(r.prompt_tokens + r.completion_tokens for r in bill.records)
+            nano = keys.usd_to_nano(bill.spent.usd)
         try:
             await asyncio.wait_for(self._redis(lambda: self.store.settle(
                 ticket.record, give_back=ticket.estimate - used, nano_usd=nano, now_ms=int(self.wall() * 1000), day=ticket.day)),

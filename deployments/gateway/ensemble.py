@@ -49,6 +49,16 @@ class Outcome:
     race_winner: str | None = None  # small | frontier
     decided_ms: float | None = None  # from the start to the first gate decision (cascade, race)
     failed: list[str] = field(default_factory=list)
+    _bill: costing.Bill | None = field(default=None, repr=False, compare=False)
+
+    def bill(self, cfg: ClusterConfig) -> costing.Bill:
+        """The request's records and costs, computed when first asked and kept: that is once
+        the answer is over (the cost headers or a stream's trailer, the key's settlement, the
+        audit line and the metrics all ask then), so all of them report the same figures
+        from one computation instead of four."""
+        if self._bill is None:
+            self._bill = costing.bill(cfg, self.records())
+        return self._bill
 
     @property
     def cancelled(self) -> list[str]:

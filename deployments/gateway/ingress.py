@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster import capabilities, costing, policy, strategy, traffic
+from cluster import capabilities, policy, strategy, traffic
 from cluster.chat import route_query, to_generation_request
 from cluster.config import ClusterConfig
 from cluster.errors import SLMError
@@ -212,7 +212,8 @@ class Gateway:
         have cost: its input tokens (this request's, as the answering engine counted them
         when the frontier did not run) and this answer's output tokens, at its prices
         (``costing.for_request``, which the audit line reports too)."""
-        spent, alone = costing.for_request(self.config, out.records())
+        bill = out.bill(self.config)
+        spent, alone = bill.spent, bill.alone
         headers = {"x-slm-cost-usd": format(spent.usd, ".8g"), "x-slm-energy-j": format(spent.joules, ".8g")}
         if alone is not None:
             headers["x-slm-frontier-cost-usd"] = format(alone.usd, ".8g")

@@ -168,17 +168,16 @@ class GatewayMetrics:
             self._observe(mn.TTFT, first_at - started_at, **who)
         if winner.first_at is not None and winner.ended_at is not None and winner.tokens > 1:
             self._observe(mn.INTER_TOKEN, (winner.ended_at - winner.first_at) / (winner.tokens - 1), model=model, version=version)
-        records = out.records()
-        for rec in records:
+        bill = out.bill(self.cfg)
+        for rec in bill.records:
             spent = costing.call_cost(self.cfg, rec)
             tags = {"model": rec.model, "version": rec.version}
             self._inc(mn.TOKENS, rec.prompt_tokens, **tags, direction="input")
             self._inc(mn.TOKENS, rec.completion_tokens, **tags, direction="output")
             self._inc(mn.COST, spent.usd, **tags)
             self._inc(mn.ENERGY, spent.joules, **tags)
-        _, alone = costing.for_request(self.cfg, records)  # the x-slm-frontier-cost-usd figure
-        if alone is not None:
-            self._inc(mn.FRONTIER_COUNTERFACTUAL, alone.usd, strategy=strat)
+        if bill.alone is not None:  # the x-slm-frontier-cost-usd figure
+            self._inc(mn.FRONTIER_COUNTERFACTUAL, bill.alone.usd, strategy=strat)
         if out.escalated != NOT_ESCALATED:
             self._inc(mn.ESCALATIONS, 1, model=small, strategy=strat, escalated=out.escalated)
         if out.race_winner is not None:

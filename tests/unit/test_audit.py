@@ -4,6 +4,7 @@ arithmetic (cluster.report_calc): no Ray, no network."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import socket
@@ -47,6 +48,17 @@ def test_a_line_has_the_documented_fields_and_no_text_by_default() -> None:
     assert rec["ts"] == "2023-11-14T22:13:20.500Z"
     line = audit.dumps(rec)
     assert SECRET not in line and "sk-test" not in line and "\n" not in line
+
+
+def test_the_route_and_call_dicts_carry_every_field_of_their_dataclasses_with_rounded_times() -> None:
+    # build_record writes these dicts out by hand (asdict is too slow for the hot path): a
+    # field added to a dataclass must reach the line, and the values must be the dataclass's.
+    rec = _record(calls=[audit.CallLine("code-v1", "code", "v1", "specialist", 10, 16, 120.12345, 30.98765, "won")])
+    assert tuple(f.name for f in dataclasses.fields(audit.RouteLine)) == audit.ROUTE_FIELDS
+    assert tuple(f.name for f in dataclasses.fields(audit.CallLine)) == audit.CALL_FIELDS
+    assert rec["route"] == dataclasses.asdict(audit.RouteLine("code", "v1", "domain:code", "code", 0.12))
+    assert rec["calls"] == [{"deployment": "code-v1", "model": "code", "version": "v1", "role": "specialist", "prompt_tokens": 10,
+                             "completion_tokens": 16, "latency_ms": 120.123, "ttft_ms": 30.988, "outcome": "won"}]
 
 
 def test_text_only_with_include_text() -> None:
