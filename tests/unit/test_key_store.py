@@ -302,11 +302,11 @@ async def test_quota_refusal_through_the_guard(server: Server) -> None:
     guard, _ = await _guard(server.url)
     record = keys.make_record("q", usd_per_day=0.01)
 
-    class Out:  # what the ensemble's Outcome gives settle: every call's usage
-        def records(self) -> list:
-            from cluster.costing import CallRecord
+    class Out:  # what the ensemble's Outcome gives settle: the bill of every call's usage
+        def bill(self, cfg: Any) -> Any:
+            from cluster.costing import CallRecord, bill
 
-            return [CallRecord("general", "v1", 10, 5, "won", 0.1)]
+            return bill(cfg, [CallRecord("general", "v1", 10, 5, "won", 0.1)])
 
     ticket = await guard.admit(record, _gen(), {})
     await guard.settle(ticket, Out())

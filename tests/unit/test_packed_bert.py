@@ -50,7 +50,10 @@ def test_a_prompt_gets_the_same_embedding_alone_or_in_a_mixed_length_batch() -> 
     together = embedder.embed(PROMPTS)
     alone = np.concatenate([embedder.embed([p]) for p in PROMPTS])
     assert np.abs(together - alone).max() < 5e-3
-    assert (together * alone).sum(1).min() > 0.9999
+    # bfloat16 kernels round differently with the batch's shape, more on some CPUs than
+    # others (0.99986 on an AMD EPYC host): the bar is bf16 rounding noise, five times
+    # tighter than the bf16-against-float32 bar above.
+    assert (together * alone).sum(1).min() > 0.9998
 
 
 def test_tokens_match_the_transformers_tokenizer_and_truncate() -> None:
