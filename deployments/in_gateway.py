@@ -24,7 +24,7 @@ from cluster.errors import EngineUnavailableError
 from cluster.types import GenerationChunk, GenerationRequest, deployment_name
 from deployments.engines import create_engine
 from deployments.model_server import prepare_request
-from deployments.stream_batching import PumpedStream
+from deployments.stream_batching import DirectStream
 
 
 class InGatewayModel:
@@ -39,9 +39,9 @@ class InGatewayModel:
         self._slots = asyncio.Semaphore(version.max_ongoing_requests)
         self._waiting = 0
 
-    def stream(self, request: GenerationRequest) -> PumpedStream:
+    def stream(self, request: GenerationRequest) -> DirectStream:
         """The call's chunks, pulled as a ModelServer's are (``streams.timed_chunks``)."""
-        return PumpedStream(self._generate(request))
+        return DirectStream(self._generate(request))
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         limit = self.version.max_queued_requests

@@ -67,38 +67,45 @@ async def batched_chunks(stream: AsyncIterator[GenerationChunk], interval_s: flo
         await asyncio.gather(pump, return_exceptions=True)
 
 
-class PumpedStream:
-    """An engine's chunk stream run by a task of its own, pulled the way a Serve streaming
-    response is: ``await stream.__anext__()`` gives every chunk that has arrived (at least
-    one) as a list, and ``cancel()`` stops the task, which closes (and so aborts) the
-    engine's stream. The task, not the puller, runs the engine's generator: the puller
-    wraps each pull in ``asyncio.wait_for``, which runs every step in a new task before
-    Python 3.12, and an engine's stream may hold task-bound state (httpx's timeouts)."""
+class DirectStream:
+    """An engine's chunk stream pulled the way a Serve streaming response is: each
+    ``await stream.__anext__()`` gives the next chunk as a one-item list, and ``cancel()``
+    closes the engine's stream, which aborts the generation.
+
+    The puller's own task runs the engine's generator: no task and queue of its own per
+    call (the front door's hottest path, docs/benchmarks.md). That is safe because every
+    pull waits under ``asyncio.timeout`` in the puller's task (``streams.within``), and the
+    engines hold no task-bound state across a yield (httpx's timeouts are entered and left
+    within one read). After the final chunk the generator is closed at once, so its cleanup
+    (the engine slot, the upstream response) runs now and not when it is collected."""
+
+    _closing: set[asyncio.Task] = set()  # closes scheduled by cancel(), kept alive until done
 
     def __init__(self, stream: AsyncIterator[GenerationChunk]) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._pending: object | None = None  # an end or failure that arrived behind chunks
-        self._task = asyncio.get_running_loop().create_task(_pump(stream, self._queue))
+        self._stream = stream
 
-    def __aiter__(self) -> "PumpedStream":
+    def __aiter__(self) -> "DirectStream":
         return self
 
     async def __anext__(self) -> list[GenerationChunk]:
-        item, self._pending = (self._pending, None) if self._pending is not None else (await self._queue.get(), None)
-        if item is _END:
-            self._pending = _END  # pulled again after the end: the end again
-            raise StopAsyncIteration
-        if isinstance(item, _Failure):
-            self._pending = item
-            raise item.exc
-        batch = [item]
-        while not self._queue.empty():
-            more = self._queue.get_nowait()
-            if not isinstance(more, GenerationChunk):
-                self._pending = more
-                break
-            batch.append(more)
-        return batch  # type: ignore[return-value]
+        chunk = await self._stream.__anext__()  # the end, or the engine's error, propagate as they are
+        if chunk.is_final:
+            await self._stream.aclose()  # type: ignore[attr-defined]
+        return [chunk]
 
     def cancel(self) -> None:
-        self._task.cancel()
+        """Close the engine's stream. ``timed_chunks`` calls this from a ``finally`` that
+        cannot await, so the close runs as a task; a stream that a timeout or a cancelled
+        pull already ended has nothing left to close."""
+        gen = self._stream
+        if getattr(gen, "ag_frame", True) is None:  # finished: its cleanup has run
+            return
+        task = asyncio.get_running_loop().create_task(gen.aclose())  # type: ignore[attr-defined]
+        DirectStream._closing.add(task)
+        task.add_done_callback(_closed)
+
+
+def _closed(task: asyncio.Task) -> None:
+    DirectStream._closing.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a stream that fails while closing has nobody left to tell

@@ -6,6 +6,9 @@ once and the strategy can look at any of them (how many tokens so far, finished 
 without stealing chunks from the one that will answer. The winner's chunks are then
 replayed to the client from the start of its buffer.
 
+A plan's only call that no gate reads (strategy ``route``) is not pumped: its replay reads
+the stream itself, in the request's task, and keeps the same state (``pumped=False``).
+
 A call that loses is cancelled: its pump task is cancelled inside the stream, which runs
 the stream's own cleanup (``timed_chunks`` cancels the replica's generator, and the
 replica closes the engine's iterator, which aborts the generation in the engine).
@@ -42,6 +45,7 @@ class Call:
         clock: Callable[[], float],
         prompt_chars: int,
         observer: CallObserver | None = None,
+        pumped: bool = True,
     ) -> None:
         self.decision = decision
         self.clock = clock
@@ -59,7 +63,13 @@ class Call:
         self.observer = observer
         self._chunks = chunks
         self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._pump())
+        self._ended = False
+        # A pumped call runs in a task of its own, so that a strategy can watch it while
+        # another runs. A call that is the only one and that no gate reads (strategy
+        # route) is pulled by its replay instead: no task, no condition, fewer wake-ups
+        # on the front door's hottest path (docs/benchmarks.md, "Front door").
+        self.pumped = pumped
+        self._task = asyncio.create_task(self._pump()) if pumped else None
 
     @property
     def name(self) -> str:
@@ -69,21 +79,36 @@ class Call:
     def done(self) -> bool:
         return self.final is not None or self.error is not None or self.cancelled
 
+    def _take(self, chunk: GenerationChunk) -> None:
+        if self.first_at is None:
+            self.first_at = self.clock()
+        self.buffer.append(chunk)
+        if chunk.logprobs:
+            self.tokens += len(chunk.logprobs)
+            self.logprobs.extend(lp.logprob for lp in chunk.logprobs)
+        elif chunk.text:
+            self.tokens += 1  # an engine without logprobs: one token a chunk, at least
+        if chunk.is_final:
+            self.final = chunk
+            if chunk.usage is not None:
+                self.tokens = chunk.usage.completion_tokens
+
+    async def _end(self) -> None:
+        """Once per call, however it ends: the stream closed (which cancels the replica's
+        work when it did not finish) and the observer told."""
+        if self._ended:
+            return
+        self._ended = True
+        self.ended_at = self.clock()
+        with contextlib.suppress(Exception):
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        if self.observer is not None:
+            self.observer.call_done(self)
+
     async def _pump(self) -> None:
         try:
             async for chunk in self._chunks:
-                if self.first_at is None:
-                    self.first_at = self.clock()
-                self.buffer.append(chunk)
-                if chunk.logprobs:
-                    self.tokens += len(chunk.logprobs)
-                    self.logprobs.extend(lp.logprob for lp in chunk.logprobs)
-                elif chunk.text:
-                    self.tokens += 1  # an engine without logprobs: one token a chunk, at least
-                if chunk.is_final:
-                    self.final = chunk
-                    if chunk.usage is not None:
-                        self.tokens = chunk.usage.completion_tokens
+                self._take(chunk)
                 async with self._changed:
                     self._changed.notify_all()
                 if chunk.is_final:
@@ -95,16 +120,14 @@ class Call:
         except Exception as exc:  # noqa: BLE001 - kept as the call's typed outcome
             self.error = to_slm_error(exc)
         finally:
-            self.ended_at = self.clock()
-            with contextlib.suppress(Exception):
-                await self._chunks.aclose()  # type: ignore[attr-defined]
+            await self._end()
             async with self._changed:
                 self._changed.notify_all()
-            if self.observer is not None:
-                self.observer.call_done(self)
 
     async def wait(self, ready: Callable[[], bool]) -> None:
-        """Until ``ready()`` holds or the call is over."""
+        """Until ``ready()`` holds or the call is over (a pumped call: only its pump moves it on)."""
+        if not self.pumped:
+            raise RuntimeError("an unpumped call moves only as its replay is read")
         async with self._changed:
             await self._changed.wait_for(lambda: ready() or self.done)
 
@@ -121,6 +144,9 @@ class Call:
         if self.final is not None or self.error is not None or self.cancelled:
             return
         self.cancelled = True
+        if self._task is None:
+            await self._end()
+            return
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task
@@ -134,9 +160,12 @@ class Call:
             self.observer.gated(self, gate.passes(value, gcfg.pass_bar))
         return value
 
-    async def replay(self) -> AsyncIterator[GenerationChunk]:
+    def replay(self) -> AsyncIterator[GenerationChunk]:
         """Every chunk from the first, the buffered ones then the live ones, up to the final
         chunk; raises the call's error. Closing it early cancels the call."""
+        return self._replayed() if self.pumped else self._pulled()
+
+    async def _replayed(self) -> AsyncIterator[GenerationChunk]:
         i = 0
         try:
             while True:
@@ -154,6 +183,25 @@ class Call:
         finally:
             if self.final is None:
                 await self.cancel()
+
+    async def _pulled(self) -> AsyncIterator[GenerationChunk]:
+        """An unpumped call's replay: its stream, read here, kept as a pumped call keeps it."""
+        try:
+            async for chunk in self._chunks:
+                self._take(chunk)
+                yield chunk
+                if chunk.is_final:
+                    return
+            self.error = EngineError("The model's stream ended before its final chunk.")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - typed once, as a pumped call types it
+            self.error = to_slm_error(exc)
+        finally:
+            if self.final is None and self.error is None:
+                self.cancelled = True  # the reader left (client gone, or cancelled) before the end
+            await self._end()
+        raise self.error
 
     def record(self, outcome: str) -> costing.CallRecord:
         usage = self.final.usage if self.final is not None else None

@@ -114,7 +114,7 @@ class Ensemble:
         """One call outside any plan (shadow traffic): pumped and observed like the others."""
         return self._open(decision, requests)
 
-    def _open(self, decision: RouteDecision, requests: Callable[[RouteDecision], GenerationRequest]) -> Call:
+    def _open(self, decision: RouteDecision, requests: Callable[[RouteDecision], GenerationRequest], pumped: bool = True) -> Call:
         req = requests(decision)
         chars = sum(len(m.content) for m in req.messages)
         call: Call | None = None
@@ -129,7 +129,7 @@ class Ensemble:
         chunks = attempt()
         if self.breaker is not None and decision.model == self.frontier_model:
             chunks = breaker_guarded(self.breaker, self.clock, attempt)
-        call = Call(decision, self._observed(decision, chunks), self.clock, chars, self.observer)
+        call = Call(decision, self._observed(decision, chunks), self.clock, chars, self.observer, pumped=pumped)
         return call
 
     async def _observed(self, decision: RouteDecision, chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
@@ -156,8 +156,8 @@ class Ensemble:
         min_tokens = self.cfg.strategy.gate.min_tokens if stream else None
         opened: list[Call] = []
 
-        def open_(decision: RouteDecision) -> Call:
-            call = self._open(decision, requests)
+        def open_(decision: RouteDecision, pumped: bool = True) -> Call:
+            call = self._open(decision, requests, pumped)
             opened.append(call)
             return call
 
@@ -169,7 +169,7 @@ class Ensemble:
                 if plan.strategy == "race":
                     out.race_winner = "small" if out.winner is out.calls[0] else "frontier"
                 return out
-            call = open_(plan.tiers[0])
+            call = open_(plan.tiers[0], pumped=False)  # the only call, read by its replay alone (calls.Call)
             return Outcome(plan.strategy, call, [call], escalated=plan.escalated)
         except BaseException:
             # Nothing answers (or the client went away): no call may run on.

@@ -173,6 +173,41 @@ async def test_closing_the_answer_early_aborts_the_winner() -> None:
     assert engines["code-long"].aborted == 1
 
 
+async def test_a_route_call_is_read_by_its_replay_alone_and_observed_once() -> None:
+    cfg = make_config()
+    engines = await fakes(cfg)
+    done: list[str] = []
+
+    class Observer:
+        def call_done(self, call) -> None:  # type: ignore[no-untyped-def]
+            done.append("ok" if call.final is not None else type(call.error).__name__)
+
+        def gated(self, call, passed: bool) -> None:  # type: ignore[no-untyped-def]
+            raise AssertionError("a route is never gated")
+
+    ensemble = Ensemble(cfg, lambda d, r: engines[d.deployment_name].generate(r), time.monotonic, Observer())
+    gen = GenerationRequest("r", (ChatMessage("user", "x"),), SamplingParams(max_tokens=8))
+    screened = policy.Screened("public", (), ())
+    for version in ("sure", "broken"):
+        p = strategy.plan(cfg, "route", RouteDecision("code", version, "named"), auto=False, screened=screened, budget_ms=None,
+                          expected_ms={})
+        out = await ensemble.run(p, lambda d: with_id(gen, d, logprobs=False), stream=False, started_at=time.monotonic())
+        await asyncio.sleep(0.05)
+        assert not out.winner.pumped and out.winner.buffer == []  # nothing runs until the replay is read
+        if version == "sure":
+            text = "".join([c.text async for c in out.winner.replay()])
+            assert len(text.split()) == 8 and out.winner.tokens == 8 and out.winner.ended_at is not None
+            assert [r.outcome for r in out.records()] == ["won"]
+        else:
+            try:
+                [c async for c in out.winner.replay()]
+            except Exception as exc:  # noqa: BLE001 - the typed error a pumped call would raise
+                assert exc is out.winner.error and out.winner.error.http_status >= 500
+            else:
+                raise AssertionError("a broken engine's answer must raise")
+    assert done == ["ok", type(out.winner.error).__name__]
+
+
 async def test_each_call_gets_its_own_engine_request_id() -> None:
     gen = GenerationRequest("req-1", (ChatMessage("user", "x"),), SamplingParams(logprobs=False))
     a = with_id(gen, RouteDecision("code", "v1", "x"), logprobs=True)

@@ -18,7 +18,7 @@ from cluster.serve_config import data_plane_deployments
 from cluster.types import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
 from deployments.gateway.streams import timed_chunks
 from deployments.in_gateway import InGatewayModel, in_gateway_models
-from deployments.stream_batching import PumpedStream
+from deployments.stream_batching import DirectStream
 from tests.fakes.openai_upstream import OpenAIUpstream
 
 
@@ -57,41 +57,48 @@ def test_a_version_in_the_gateway_is_no_deployment() -> None:
     assert list(in_gateway_models(cfg)) == [name]
 
 
-# --- the pumped stream ------------------------------------------------------------------
+# --- the direct stream ------------------------------------------------------------------
 
 
 def _chunk(text: str, final: bool = False) -> GenerationChunk:
     return GenerationChunk(text=text, finish_reason="stop" if final else None)
 
 
-async def test_pumped_stream_hands_out_what_has_arrived_then_the_end() -> None:
-    async def three() -> AsyncIterator[GenerationChunk]:
-        yield _chunk("a")
-        yield _chunk("b")
-        await asyncio.sleep(0.05)
-        yield _chunk("c", final=True)
+async def test_direct_stream_hands_out_each_chunk_and_closes_the_engine_after_the_final_one() -> None:
+    closed = asyncio.Event()
 
-    stream = PumpedStream(three())
-    await asyncio.sleep(0.01)  # a and b are in; c is 50 ms away
-    assert [c.text for c in await stream.__anext__()] == ["a", "b"]
+    async def three() -> AsyncIterator[GenerationChunk]:
+        try:
+            yield _chunk("a")
+            yield _chunk("b")
+            yield _chunk("c", final=True)
+            yield _chunk("never pulled")
+        finally:
+            closed.set()
+
+    stream = DirectStream(three())
+    assert [c.text for c in await stream.__anext__()] == ["a"]
+    assert [c.text for c in await stream.__anext__()] == ["b"]
+    assert not closed.is_set()
     assert [c.text for c in await stream.__anext__()] == ["c"]
+    assert closed.is_set()  # the engine's cleanup (slot, upstream response) ran with the final chunk
     with pytest.raises(StopAsyncIteration):
         await stream.__anext__()
 
 
-async def test_pumped_stream_raises_the_engines_error_after_its_chunks() -> None:
+async def test_direct_stream_raises_the_engines_error_after_its_chunks() -> None:
     async def fails() -> AsyncIterator[GenerationChunk]:
         yield _chunk("a")
         raise EngineError("upstream broke")
 
-    stream = PumpedStream(fails())
-    await asyncio.sleep(0.01)
+    stream = DirectStream(fails())
     assert [c.text for c in await stream.__anext__()] == ["a"]
     with pytest.raises(EngineError, match="upstream broke"):
         await stream.__anext__()
+    stream.cancel()  # an ended stream: nothing to close, no error
 
 
-async def test_cancelling_a_pumped_stream_closes_the_engines_stream() -> None:
+async def test_cancelling_a_direct_stream_closes_the_engines_stream() -> None:
     closed = asyncio.Event()
 
     async def endless() -> AsyncIterator[GenerationChunk]:
@@ -102,10 +109,29 @@ async def test_cancelling_a_pumped_stream_closes_the_engines_stream() -> None:
         finally:
             closed.set()
 
-    stream = PumpedStream(endless())
+    stream = DirectStream(endless())
     assert await stream.__anext__()
     stream.cancel()
     await asyncio.wait_for(closed.wait(), 1.0)
+
+
+async def test_a_pull_cut_by_its_deadline_ends_the_engines_stream_in_place() -> None:
+    closed = asyncio.Event()
+
+    async def slow() -> AsyncIterator[GenerationChunk]:
+        try:
+            yield _chunk("a")
+            await asyncio.sleep(10)
+            yield _chunk("b", final=True)
+        finally:
+            closed.set()
+
+    gw = GatewayConfig(first_token_timeout_s=1.0, stream_idle_timeout_s=0.05, request_timeout_s=5.0)
+    chunks = timed_chunks(lambda: DirectStream(slow()), gw, asyncio.get_running_loop().time)
+    assert (await chunks.__anext__()).text == "a"
+    with pytest.raises(EngineTimeoutError):
+        await chunks.__anext__()
+    assert closed.is_set()  # the timeout's cancellation went through the engine's generator
 
 
 # --- a real remote engine, pulled as the gateway pulls it -------------------------------
