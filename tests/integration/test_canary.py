@@ -155,7 +155,9 @@ def test_a_healthy_version_is_promoted_and_a_failing_one_rolled_back(cluster) ->
     failed = [r for r in during if r[2] != 200]
     # only v3's share (20%) can fail, and 30% of it does: well under 20% of all requests
     assert during and len(failed) / len(during) < 0.2
-    lost = [r for r in results if r[0] < v3_started and r[2] != 200]
+    # v3's own failures are its canary's, not the v1 -> v2 rollout's: the controller may
+    # split traffic to v3 before `slmctl canary start` returns and v3_started is read
+    lost = [r for r in results if r[0] < v3_started and r[2] != 200 and r[3] != "v3"]
     assert not lost, (len(lost), len(results), lost[:5])  # v1 -> v2 lost nothing
     # stickiness: during the v1 -> v2 rollout each user moved at most once, from v1 to v2
     for user in {r[1] for r in results}:
