@@ -1,7 +1,7 @@
 """The audit line: one JSON object per chat request, and reading them back.
 
 The gateway builds each line with ``build_record`` from the same values its response
-headers report (the route decision, the strategy's ``Outcome``, ``costing.for_request``),
+headers report (the route decision, the strategy's ``Outcome``, ``costing.bill``),
 and hands it to its sinks (``deployments/gateway/audit.py``). No prompt or answer text is
 recorded unless ``audit.include_text`` is on. ``slmctl audit`` and ``slmctl report`` read
 the lines back with ``read_records``. The fields are documented in docs/observability.md.

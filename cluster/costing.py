@@ -70,29 +70,29 @@ def estimate_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
-def for_request(cfg: ClusterConfig, calls: list[CallRecord]) -> tuple[Cost, Cost | None]:
-    """(what every call of one request cost, cancelled ones included; what the frontier alone
-    would have cost: its input tokens as the frontier counted them when it ran, else the
-    answering engine's, and the winning answer's output tokens, at the frontier's prices).
-    The response headers and the audit line both report these."""
-    spent = total(cfg, calls)
-    won = next(r for r in calls if r.outcome == WON)
-    frontier = cfg.frontier
-    ran = [r for r in calls if frontier is not None and r.model == frontier.name and r.usage_exact]
-    prompt = ran[0].prompt_tokens if ran else won.prompt_tokens
-    return spent, frontier_only(cfg, prompt, won.completion_tokens)
-
-
 @dataclass(frozen=True)
 class Bill:
-    """One request's figures, computed once: its call records, what they cost, and what the
-    frontier alone would have cost (``for_request``)."""
+    """One request's figures, computed once: its call records, what each cost, what they
+    cost together (cancelled calls included), and what the frontier alone would have cost.
+    The response headers, the key's settlement, the audit line and the metrics all report
+    these."""
 
     records: tuple[CallRecord, ...]
+    costs: tuple[Cost, ...]  # one per record
     spent: Cost
     alone: Cost | None
 
 
 def bill(cfg: ClusterConfig, calls: list[CallRecord]) -> Bill:
-    spent, alone = for_request(cfg, calls)
-    return Bill(tuple(calls), spent, alone)
+    """The frontier-alone figure is its input tokens as the frontier counted them when it
+    ran, else the answering engine's, and the winning answer's output tokens, at the
+    frontier's prices (None without a frontier model)."""
+    costs = tuple(call_cost(cfg, c) for c in calls)
+    spent = ZERO
+    for cost in costs:
+        spent = spent + cost
+    won = next(r for r in calls if r.outcome == WON)
+    frontier = cfg.frontier
+    ran = [r for r in calls if frontier is not None and r.model == frontier.name and r.usage_exact]
+    prompt = ran[0].prompt_tokens if ran else won.prompt_tokens
+    return Bill(tuple(calls), costs, spent, frontier_only(cfg, prompt, won.completion_tokens))

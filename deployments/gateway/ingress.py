@@ -211,7 +211,7 @@ class Gateway:
         """Every call counts, cancelled ones included; and what the frontier alone would
         have cost: its input tokens (this request's, as the answering engine counted them
         when the frontier did not run) and this answer's output tokens, at its prices
-        (``costing.for_request``, which the audit line reports too)."""
+        (``costing.bill``, which the audit line reports too)."""
         bill = out.bill(self.config)
         spent, alone = bill.spent, bill.alone
         headers = {"x-slm-cost-usd": format(spent.usd, ".8g"), "x-slm-energy-j": format(spent.joules, ".8g")}

@@ -19,7 +19,6 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable
 
-from cluster import costing
 from cluster import metric_names as mn
 from cluster.config import ClusterConfig
 from cluster.strategy import NOT_ESCALATED
@@ -169,8 +168,7 @@ class GatewayMetrics:
         if winner.first_at is not None and winner.ended_at is not None and winner.tokens > 1:
             self._observe(mn.INTER_TOKEN, (winner.ended_at - winner.first_at) / (winner.tokens - 1), model=model, version=version)
         bill = out.bill(self.cfg)
-        for rec in bill.records:
-            spent = costing.call_cost(self.cfg, rec)
+        for rec, spent in zip(bill.records, bill.costs):
             tags = {"model": rec.model, "version": rec.version}
             self._inc(mn.TOKENS, rec.prompt_tokens, **tags, direction="input")
             self._inc(mn.TOKENS, rec.completion_tokens, **tags, direction="output")
