@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,24 +51,60 @@ def embedder_fingerprint(folder: Path, dtype: str) -> str:
     return digest.hexdigest()[:16]
 
 
+# Operators may pin the compute dtype ("bfloat16" or "float32"); "auto" (the default) asks the CPU.
+COMPUTE_ENV = "SLM_EMBED_COMPUTE"
+COMPUTE_CHOICES = ("auto", "bfloat16", "float32")
+
+
+def pick_compute(dtype: str, requested: str, native_bf16: bool) -> str:
+    """The dtype the embedder multiplies in. bfloat16 weights are multiplied in bfloat16 only
+    where the CPU has bf16 instructions (AVX-512 BF16 or AMX): elsewhere torch emulates bf16
+    and runs about 5x slower than float32 on the same, bf16-rounded, weights, whose embeddings
+    stay within cosine 0.99997 of the bf16 ones (``docs/router.md``, CPU precision). float32
+    weights are always multiplied in float32: rounding them would change the numerics the
+    fingerprint names."""
+    if requested not in COMPUTE_CHOICES:
+        raise ValueError(f"embedder compute must be one of {', '.join(COMPUTE_CHOICES)}, not {requested!r}")
+    if dtype == "float32":
+        return "float32"
+    if requested != "auto":
+        return requested
+    return "bfloat16" if native_bf16 else "float32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware, as torch's kernels see it."""
+    import torch
+
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
 class Embedder:
     """``embed(texts) -> float32 [n, 384]``, unit-norm rows. Thread-safe for one caller at a time.
 
     The forward pass is ``PackedBert`` (``router_models/packed_bert.py``): a batch's tokens
     are packed without padding, so a prompt's embedding does not depend on its batch-mates
     and batching mixed-length prompts wastes no work. ``dtype`` bfloat16 (the default) runs
-    about twice as fast as float32 on this project's CPUs (AVX-512 BF16); int8 dynamic
+    about twice as fast as float32 on a CPU with AVX-512 BF16 (and about 5x slower on one
+    without, hence ``compute``); int8 dynamic
     quantization was rejected because its activation scale spans the whole batch, which
     moved a prompt's embedding by up to 0.07 with its batch-mates. Heads must be trained on
-    the embeddings they serve with; the fingerprint tells them apart.
+    the embeddings they serve with; the fingerprint tells them apart. ``compute`` says what
+    bfloat16 weights are multiplied in (``pick_compute``): ``auto`` picks bfloat16 only on a
+    CPU with bf16 instructions; ``$SLM_EMBED_COMPUTE`` overrides ``auto``.
     """
 
     def __init__(
         self, *, max_tokens: int = 256, head_tokens: int | None = None, context_tokens: int = 0, threads: int | None = None,
-        dtype: str = "bfloat16", package: str = EMBEDDER_PACKAGE,
+        dtype: str = "bfloat16", compute: str = "auto", package: str = EMBEDDER_PACKAGE,
     ) -> None:
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"embedder dtype must be bfloat16 or float32, not {dtype!r}")
+        if compute == "auto":
+            compute = os.environ.get(COMPUTE_ENV) or "auto"
+        if compute not in COMPUTE_CHOICES:
+            raise ValueError(f"embedder compute must be one of {', '.join(COMPUTE_CHOICES)}, not {compute!r}")
         if max_tokens < 8 or (head_tokens is not None and not 0 <= head_tokens <= max_tokens - 2) or context_tokens < 0:
             raise ValueError(f"bad token budget: max_tokens={max_tokens}, head_tokens={head_tokens}, context_tokens={context_tokens}")
         self.max_tokens = max_tokens
@@ -75,6 +112,8 @@ class Embedder:
         self.context_tokens = context_tokens
         self.threads = threads
         self.dtype = dtype
+        self.requested_compute = compute
+        self.compute: str | None = None  # decided at load(), where torch is imported
         self.folder = embedder_dir(package)
         self.fingerprint = embedder_fingerprint(self.folder, dtype)
         self._model: Any = None
@@ -95,7 +134,8 @@ class Embedder:
         tokenizer.no_truncation()  # window_ids cuts, keeping the request's head and tail
         self._tokenizer = tokenizer
         self._cls, self._sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        self._model = PackedBert(self.folder, dtype=getattr(torch, self.dtype))
+        self.compute = pick_compute(self.dtype, self.requested_compute, cpu_has_native_bf16())
+        self._model = PackedBert(self.folder, dtype=getattr(torch, self.dtype), compute=getattr(torch, self.compute))
         return self
 
     def use_tuned_layers(self, arrays: dict[str, np.ndarray], prefix: str = "tuned") -> int:

@@ -152,7 +152,7 @@ def train(paths: Sequence[str | Path], out: str | Path, settings: TrainSettings 
         "mlp_hidden": settings.mlp_hidden,
         "embedder": {"name": EMBEDDER_NAME, "fingerprint": embedder.fingerprint, "max_tokens": embedder.max_tokens,
                      "head_tokens": embedder.head_tokens, "context_tokens": embedder.context_tokens, "dtype": embedder.dtype,
-                     "tuned_layers": settings.tune_layers if tuned else 0},
+                     "compute": embedder.compute, "tuned_layers": settings.tune_layers if tuned else 0},
         "data": [{"path": p.name, "sha256": file_sha256(p)} for p in paths],
         "train": {"seed": settings.seed, "rows": len(train_set), "validation_rows": len(val_set),
                   "validation_share": settings.validation_share, "max_rows": settings.max_rows,

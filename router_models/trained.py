@@ -24,6 +24,7 @@ def load_with_embedder(path: str | Path, *, threads: int | None = None) -> tuple
                         head_tokens=None if head is None else int(head), context_tokens=int(spec.get("context_tokens", 0)))
     load_artifact(path, expect_fingerprint=embedder.fingerprint)  # refuses a foreign embedder
     embedder.load()
+    log.info("router embedder: %s weights multiplied in %s (trained with %s)", embedder.dtype, embedder.compute, spec.get("compute", embedder.dtype))
     if int(spec.get("tuned_layers", 0)):
         try:
             embedder.use_tuned_layers(artifact.arrays, TUNED_PREFIX)

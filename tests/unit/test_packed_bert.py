@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from router_models.embedder import Embedder, embedder_dir  # noqa: E402
+from router_models.embedder import COMPUTE_ENV, Embedder, embedder_dir, pick_compute  # noqa: E402
 from router_models.packed_bert import PackedBert  # noqa: E402
 
 PROMPTS = [
@@ -39,14 +39,58 @@ def test_float32_matches_transformers(reference: np.ndarray) -> None:
     assert np.abs(got - reference).max() < 1e-5
 
 
-def test_bfloat16_stays_close_to_float32(reference: np.ndarray) -> None:
-    got = Embedder(dtype="bfloat16").embed(PROMPTS)
+@pytest.mark.parametrize("compute", ["bfloat16", "float32"])
+def test_bfloat16_stays_close_to_float32(reference: np.ndarray, compute: str) -> None:
+    got = Embedder(dtype="bfloat16", compute=compute).embed(PROMPTS)
     assert np.linalg.norm(got, axis=1) == pytest.approx(1.0, abs=1e-5)
     assert (got * reference).sum(1).min() > 0.999
 
 
-def test_a_prompt_gets_the_same_embedding_alone_or_in_a_mixed_length_batch() -> None:
-    embedder = Embedder(dtype="bfloat16")
+def test_bf16_weights_multiplied_in_float32_serve_what_bf16_compute_serves() -> None:
+    """A CPU without bf16 instructions multiplies the bf16-rounded weights in float32: the
+    embeddings stay within bf16's own batch-shape noise of bf16 compute, under the same
+    fingerprint, and the shipped router's heads decide the same on them."""
+    from router_models.artifact import DEFAULT_ARTIFACT, TUNED_PREFIX, load_artifact
+    from router_models.heads import predict
+
+    artifact = load_artifact(DEFAULT_ARTIFACT)
+    native, wide = Embedder(dtype="bfloat16", compute="bfloat16"), Embedder(dtype="bfloat16", compute="float32")
+    assert native.fingerprint == wide.fingerprint
+    for e in (native, wide):
+        e.use_tuned_layers(artifact.arrays, TUNED_PREFIX)
+    a, b = native.embed(PROMPTS), wide.embed(PROMPTS)
+    assert (native.compute, wide.compute) == ("bfloat16", "float32")
+    assert (a * b).sum(1).min() > 0.9998
+    pa, pb = predict(artifact.arrays, a, PROMPTS), predict(artifact.arrays, b, PROMPTS)
+    assert (pa.domain_probs.argmax(1) == pb.domain_probs.argmax(1)).all()
+    assert np.abs(pa.escalation - pb.escalation).max() < 0.03
+
+
+@pytest.mark.parametrize(("dtype", "requested", "native", "expected"), [
+    ("bfloat16", "auto", True, "bfloat16"),
+    ("bfloat16", "auto", False, "float32"),  # emulated bf16 is ~5x slower than float32
+    ("bfloat16", "bfloat16", False, "bfloat16"),  # pinned by the operator
+    ("bfloat16", "float32", True, "float32"),
+    ("float32", "bfloat16", True, "float32"),  # float32 weights are never rounded
+])
+def test_pick_compute(dtype, requested, native, expected) -> None:
+    assert pick_compute(dtype, requested, native) == expected
+
+
+def test_compute_is_checked_and_the_environment_overrides_auto(monkeypatch) -> None:
+    with pytest.raises(ValueError, match="compute must be one of"):
+        Embedder(compute="int8")
+    monkeypatch.setenv(COMPUTE_ENV, "bfloat16")
+    assert Embedder().requested_compute == "bfloat16"
+    assert Embedder(compute="float32").requested_compute == "float32"  # an explicit choice wins
+    monkeypatch.setenv(COMPUTE_ENV, "fp8")
+    with pytest.raises(ValueError, match="compute must be one of"):
+        Embedder()
+
+
+@pytest.mark.parametrize("compute", ["bfloat16", "float32"])
+def test_a_prompt_gets_the_same_embedding_alone_or_in_a_mixed_length_batch(compute: str) -> None:
+    embedder = Embedder(dtype="bfloat16", compute=compute)
     together = embedder.embed(PROMPTS)
     alone = np.concatenate([embedder.embed([p]) for p in PROMPTS])
     assert np.abs(together - alone).max() < 5e-3
