@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, TypeVar
@@ -145,10 +146,11 @@ class RemoteOpenAIEngine:
         if request.prompt is not None:  # a raw prompt goes to the upstream's legacy /completions, as is
             messages: tuple[ChatMessage, ...] = ()
             response = await self._open(self._client, shape(completions_payload(self.config.model, request)), deadline,
-                                        self._completions_url)
+                                        self._completions_url, request_id=request.request_id)
         else:
             messages = with_system_prompt(request, self.system_prompt)
-            response = await self._open(self._client, shape(chat_payload(self.config.model, request, messages)), deadline)
+            response = await self._open(self._client, shape(chat_payload(self.config.model, request, messages)), deadline,
+                                        request_id=request.request_id)
         try:
             answer = StreamAnswer(request.sampling.logprobs)
             if request.whole_answer:
@@ -181,10 +183,11 @@ class RemoteOpenAIEngine:
             raise ConfigError(f"remote_openai: env var {name} (named by api_key_env) is not set or empty", param="api_key_env")
         return {"Authorization": f"Bearer {key}"}
 
-    async def _open(self, client: httpx.AsyncClient, body: dict[str, Any], deadline: _Deadline, url: str | None = None) -> httpx.Response:
+    async def _open(self, client: httpx.AsyncClient, body: dict[str, Any], deadline: _Deadline, url: str | None = None,
+                    *, request_id: str = "") -> httpx.Response:
         """Sends the request and returns the streaming response once its status is 2xx;
         an error status is read, closed and raised as a typed error."""
-        outgoing = client.build_request("POST", url or self._url, json=body, headers={"X-Request-ID": uuid.uuid4().hex})
+        outgoing = client.build_request("POST", url or self._url, json=body, headers={"X-Request-ID": upstream_request_id(request_id)})
         response = await _read(deadline, lambda: client.send(outgoing, stream=True), "connecting")
         if response.is_success:
             return response
@@ -198,6 +201,15 @@ class RemoteOpenAIEngine:
 
 
 # --- time and transport ------------------------------------------------------------------
+
+# What an upstream's logs can carry: the gateway's own id for the call (``<request id>:<deployment>``,
+# the audit line's request_id plus the model), so the two can be matched; a fresh one otherwise.
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,200}")
+
+
+def upstream_request_id(request_id: str) -> str:
+    return request_id if _SAFE_ID.fullmatch(request_id) else uuid.uuid4().hex
+
 
 
 class _Deadline:

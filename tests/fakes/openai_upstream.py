@@ -87,6 +87,7 @@ class OpenAIUpstream:
         self.last_authorization: str | None = None
         self.last_body: dict[str, Any] | None = None
         self.bodies: list[dict[str, Any]] = []
+        self.request_ids: list[str | None] = []  # each request's X-Request-ID header, in order
         self.paths: list[str] = []  # each request's path, in order (/v1/chat/completions or /v1/completions)
         self.port = 0
         self._server: uvicorn.Server | None = None
@@ -152,6 +153,7 @@ class OpenAIUpstream:
         self.last_body = body
         self.bodies.append(body)
         self.last_authorization = headers.get("authorization")
+        self.request_ids.append(headers.get("x-request-id"))
         self.paths.append(path)
         knobs = dataclasses.replace(self.knobs)  # a snapshot: a test may change knobs meanwhile
         respond = self._respond_text if path == "/v1/completions" else self._respond

@@ -101,6 +101,18 @@ async def test_api_key_comes_from_the_named_env_var(engine, upstream) -> None:
     assert upstream.last_authorization == "Bearer sk-unit"
 
 
+async def test_the_upstream_sees_the_call_s_own_request_id(engine, upstream) -> None:
+    """So an upstream's logs can be matched to the audit line; an id that is not safe in a
+    header gets a fresh one instead of breaking the request."""
+    import dataclasses
+
+    await _collect(engine)
+    await _collect(engine, dataclasses.replace(_request(), request_id="chat-7:remote-v1"))
+    await _collect(engine, dataclasses.replace(_request(), request_id="bad id\n"))
+    assert upstream.request_ids[:2] == ["req-1", "chat-7:remote-v1"]
+    assert len(upstream.request_ids[2]) == 32 and upstream.request_ids[2].isalnum()
+
+
 async def test_no_auth_header_without_api_key_env(upstream) -> None:
     upstream.knobs.api_key = None
     eng = RemoteOpenAIEngine(_config(upstream.base_url, api_key_env=None), env={})
